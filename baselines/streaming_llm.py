@@ -1,0 +1,20 @@
+import torch
+
+from buzz.cache import LayerState, Policy, recent_mask, register_policy, sink_mask
+
+
+@register_policy
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., 2023): the first `sink` tokens plus the most recent ones, `budget` in all."""
+
+    name = "streaming_llm"
+
+    def __init__(self, budget: int | float = 0.5, sink: int = 4) -> None:
+        super().__init__(budget)
+        if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"cache.sink={sink!r} is invalid; allowed: an int >= 0")
+        self.sink = sink
+
+    def keep(self, s: LayerState) -> torch.Tensor:
+        n_sink = s.budget.clamp(max=self.sink)
+        return sink_mask(s, n_sink) | recent_mask(s, s.budget - n_sink)

@@ -1,0 +1,127 @@
+"""The 'kvbench' attention implementation registered with transformers.
+
+With an eviction cache in use, transformers' own mask no longer describes the stored slots (they are not
+contiguous, differ per head after per-head selection, and padding sits in arbitrary slots), so this function
+builds the mask from the cache's per-slot validity and positions. Policies that rank tokens by attention get the
+column sums of the attention weights here, computed blockwise over queries so memory stays
+O(query block x stored keys); the others keep SDPA.
+
+The companion mask function hands the raw 2D padding mask through, so the attention function knows which new
+tokens are padding. Without an eviction cache (plain forward, or another Cache) it is ordinary causal SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from buzz import cache as core
+
+NAME = "kvbench"
+SCORE_BLOCK_BYTES = 256 * 2**20  # float32 attention weights materialised at once when scoring
+
+
+def _passthrough_mask(*, attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor | None:
+    # The 2D (batch, seen + q) padding mask, or None when there is no padding.
+    return attention_mask
+
+
+def _real_new_tokens(attention_mask: torch.Tensor | None, b: int, q: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(b, q, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2:
+        raise ValueError("the kvbench attention expects a 2D padding mask, got a prepared 4D mask")
+    return attention_mask[:, -q:].to(device=device, dtype=torch.bool)
+
+
+def _plain_sdpa(module, query, key, value, attention_mask, scaling):
+    """Causal attention with optional 2D padding, for forwards without an eviction cache."""
+    q, kv = query.shape[2], key.shape[2]
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        else:
+            pad = attention_mask[:, -kv:].bool().to(query.device)
+            causal = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(kv - q)
+            mask = causal[None, None] & pad[:, None, None, :]
+            mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN, output unused
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None and q > 1, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layer = core._PENDING["layer"]
+    if layer is None or layer.layer_idx != module.layer_idx:
+        return _plain_sdpa(module, query, key, value, attention_mask, scaling)
+    core._PENDING["layer"] = None
+    b, hq, q, d = query.shape
+    real_new = _real_new_tokens(attention_mask, b, q, query.device)
+    pos_new, slots = layer.write(real_new)
+    heads = 1 if layer.uniform_heads else layer.keys.shape[1]
+    # Slot j is visible to query i if it is valid and not in i's future. Fully masked rows only occur for
+    # padding queries; let those see every slot (their outputs are never used) to keep softmax finite.
+    mask = layer.valid[:, :heads, None, :] & (layer.pos[:, :heads, None, :] <= pos_new[:, None, :, None])
+    mask = mask | ~real_new[:, None, :, None]
+    if layer.score is not None:
+        out = _scored_attention(layer, query, mask, real_new, scaling)
+    else:
+        out = _masked_sdpa(query, layer.keys, layer.values, mask, scaling)
+    layer.evict(slots)
+    return out, None
+
+
+def _masked_sdpa(query, keys, values, mask, scaling):
+    b, hq, q, d = query.shape
+    hkv = keys.shape[1]
+    if mask.shape[1] == 1:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=hq != hkv)
+        return out.transpose(1, 2).contiguous()
+    # Per-KV-head masks: fold each group's query heads into the query axis so one KV head serves them.
+    g = hq // hkv
+    qg = query.reshape(b, hkv, g * q, d)
+    m = mask[:, :, None].expand(b, hkv, g, q, mask.shape[-1]).reshape(b, hkv, g * q, -1)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=m, scale=scaling)
+    return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
+
+
+def _scored_attention(layer, query, mask, real_new, scaling):
+    """Attention that also adds, per KV head, the attention each slot receives (summed over the group's query
+    heads and the real query rows) to the layer's float32 scores."""
+    b, hq, q, d = query.shape
+    keys, values = layer.keys, layer.values
+    hkv, c = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    scale = scaling if scaling is not None else d**-0.5
+    qg = query.view(b, hkv, g, q, d)
+    block = max(1, SCORE_BLOCK_BYTES // max(1, b * hq * c * 4))
+    outs = []
+    for start in range(0, q, block):
+        stop = min(q, start + block)
+        logits = torch.einsum("bhgqd,bhcd->bhgqc", qg[:, :, :, start:stop], keys).float() * scale
+        m = mask[:, :, None, start:stop]
+        probs = logits.masked_fill(~m, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("bhgqc,bhcd->bhgqd", probs.to(values.dtype), values))
+        rows = real_new[:, None, None, start:stop, None].to(probs.dtype)
+        layer.score += (probs * rows).sum(dim=(2, 3))
+    out = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
+    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, kvbench_attention)
+    AttentionMaskInterface.register(NAME, _passthrough_mask)
+
+
+def use_kvbench_attention(model) -> None:
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+
+
+register()

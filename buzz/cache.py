@@ -1,0 +1,326 @@
+"""The shared KV-cache core: storage, bookkeeping, score accumulation and eviction.
+
+A policy (one small file in `baselines/` or `buzz/policies/`) only decides which stored slots to keep.
+Everything else lives here:
+
+* Storage is a per-layer slot buffer `(batch, kv_heads, capacity, head_dim)`. New tokens are written in place
+  into free slots and evicted slots are only marked invalid, so a decode step touches O(budget) memory and the
+  buffer shapes stay fixed once the cache has reached its budget (capacity = budget + 1).
+* Attention over the slots is order-free (keys carry their RoPE rotation), so slots need no ordering; each slot
+  records the absolute position `pos` of its token among the sample's real (non-pad) tokens.
+* Eviction happens after the attention of each forward, prefill included: the step attends to the stored cache
+  plus its own tokens, then the policy trims the cache.
+* `get_seq_length()` returns tokens *seen* (so transformers derives absolute RoPE positions), while the number
+  of *stored* tokens is `stored_tokens()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+# The layer whose update() ran last; the attention function of the same layer consumes it (transformers calls
+# cache.update and then the attention function, layer by layer, so one slot is enough).
+_PENDING: dict[str, Any] = {"layer": None}
+
+UNBOUNDED = 1 << 62
+
+
+@dataclass
+class LayerState:
+    """What a policy sees of one layer after the attention of a forward (all tensors on the layer's device)."""
+
+    valid: torch.Tensor  # (B, H, C) bool: slot holds a real, kept token
+    pos: torch.Tensor  # (B, H, C) long: position of the slot's token among the sample's real tokens
+    score: torch.Tensor | None  # (B, H, C) float32 accumulated attention (policies with needs_scores)
+    seen: torch.Tensor  # (B,) long: real tokens seen so far, this forward included
+    budget: torch.Tensor  # (B,) long: tokens each sample may keep
+    new_slots: torch.Tensor  # (B, H, q) long: slots written by this forward
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-owned per-slot tensors
+    layer_idx: int = 0
+    step: int = 0  # forwards so far, this one included
+
+
+class Policy:
+    """Base class of eviction policies. Subclasses set `name` and override `keep` (and `needs_scores`)."""
+
+    name: ClassVar[str] = ""
+    needs_scores: ClassVar[bool] = False
+    # Per-slot tensors the core must keep aligned with the slots: name -> (dtype, value for a new token).
+    slot_fields: ClassVar[dict[str, tuple[torch.dtype, float]]] = {}
+
+    def __init__(self, budget: int | float | None = None) -> None:
+        self.budget = check_budget(budget)
+
+    def keep(self, s: LayerState) -> torch.Tensor:
+        """Boolean (B, H, C) mask of the valid slots to keep after this forward."""
+        raise NotImplementedError
+
+    def resolve_budget(self, prompt_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sample token budget from the real prompt lengths (B,) of the first forward."""
+        if self.budget is None:
+            return torch.full_like(prompt_tokens, UNBOUNDED)
+        if isinstance(self.budget, float):
+            return (prompt_tokens.double() * self.budget).floor().long().clamp_min(1)
+        return torch.full_like(prompt_tokens, self.budget)
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def check_budget(budget: Any) -> int | float | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"cache.budget={budget!r} is invalid; allowed: an int >= 1 (tokens) or a float in (0, 1]")
+    if isinstance(budget, float):
+        if budget.is_integer() and budget > 1:
+            return int(budget)
+        if not 0 < budget <= 1:
+            raise ValueError(f"cache.budget={budget} is invalid; allowed: an int >= 1 (tokens) or a float in (0, 1]")
+        return budget
+    if budget < 1:
+        raise ValueError(f"cache.budget={budget} is invalid; allowed: an int >= 1 (tokens) or a float in (0, 1]")
+    return int(budget)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection helpers shared by policies (vectorised over batch, heads and slots; no host syncs).
+
+
+def recent_mask(s: LayerState, n: torch.Tensor | int) -> torch.Tensor:
+    """Slots holding one of the `n` most recent real tokens (n per sample or scalar)."""
+    n = torch.as_tensor(n, device=s.pos.device).view(-1, 1, 1)
+    return s.valid & (s.pos >= s.seen.view(-1, 1, 1) - n)
+
+
+def sink_mask(s: LayerState, n: torch.Tensor | int) -> torch.Tensor:
+    """Slots holding one of the first `n` real tokens (n per sample or scalar)."""
+    n = torch.as_tensor(n, device=s.pos.device).view(-1, 1, 1)
+    return s.valid & (s.pos < n)
+
+
+def top_k_mask(values: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Among `candidates` (B, H, C), the k[b] slots with the largest `values`, per head (ties: lower slot)."""
+    masked = values.float().masked_fill(~candidates, -math.inf)
+    order = masked.sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return candidates & (rank < k.view(-1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class EvictionLayer(CacheLayerMixin):
+    """One decoder layer's slot buffer, driven by a policy. See the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, policy: Policy, layer_idx: int) -> None:
+        super().__init__()
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.seen_columns = 0  # tokens seen, pads included (what transformers calls the sequence length)
+        self.step = 0
+        self.bound = 0  # host-side upper bound of valid slots per head, to size the buffer without syncs
+        self.max_budget = UNBOUNDED
+        self.uniform_heads = True  # all heads keep the same slots (until a per-head policy evicts)
+        self._pending_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- transformers' layer interface -------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        dev = key_states.device
+        self.device, self.dtype = dev, key_states.dtype
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=dev)
+        self.pos = torch.zeros(b, h, 0, dtype=torch.long, device=dev)
+        self.score = torch.zeros(b, h, 0, dtype=torch.float32, device=dev) if self.policy.needs_scores else None
+        self.fields = {n: torch.zeros(b, h, 0, dtype=dt, device=dev) for n, (dt, _) in self.policy.slot_fields.items()}
+        self.seen = torch.zeros(b, dtype=torch.long, device=dev)
+        self.budget = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if _PENDING["layer"] is not None:
+            raise RuntimeError(
+                "eviction caches need the model's attention implementation 'kvbench' (buzz.make_cache sets it); "
+                f"got a second cache update before attention ran: is attn_implementation={_PENDING['layer']!r}?"
+            )
+        self._pending_kv = (key_states, value_states)
+        _PENDING["layer"] = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen_columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[2] if self.is_initialized else 0
+        return stored + query_length, max(self.seen_columns - stored, 0)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None
+        self.seen_columns = self.step = self.bound = 0
+        self.uniform_heads = True
+        self._pending_kv = None
+
+    # --- the work ---------------------------------------------------------------------------------------
+    def _grow(self, extra: int) -> None:
+        b, h, _, d = self.keys.shape
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(b, h, extra, d)], 2)
+        self.values = torch.cat([self.values, self.values.new_zeros(b, h, extra, self.values.shape[-1])], 2)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, h, extra)], 2)
+        self.pos = torch.cat([self.pos, self.pos.new_zeros(b, h, extra)], 2)
+        if self.score is not None:
+            self.score = torch.cat([self.score, self.score.new_zeros(b, h, extra)], 2)
+        for n, t in self.fields.items():
+            self.fields[n] = torch.cat([t, t.new_zeros(b, h, extra)], 2)
+
+    def _compact(self, capacity: int) -> None:
+        """Move the valid slots to the front of a buffer of `capacity` slots (only after a large eviction)."""
+        order = (~self.valid).to(torch.int8).sort(dim=-1, stable=True).indices[..., :capacity]
+        d = self.keys.shape[-1]
+        self.keys = self.keys.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, d))
+        self.values = self.values.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
+        self.valid = self.valid.gather(2, order)
+        self.pos = self.pos.gather(2, order)
+        if self.score is not None:
+            self.score = self.score.gather(2, order)
+        for n, t in self.fields.items():
+            self.fields[n] = t.gather(2, order)
+
+    def write(self, real_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the pending tokens into free slots. Returns (their positions (B, q), their slots (B, H, q))."""
+        k, v = self._pending_kv
+        self._pending_kv = None
+        b, h, q, _ = k.shape
+        pos_new = self.seen.view(-1, 1) + real_new.long().cumsum(-1) - 1
+        pos_new = pos_new.masked_fill(~real_new, -1)
+        if self.budget is None:  # first forward: the budget is resolved against the real prompt lengths
+            self.budget = self.policy.resolve_budget(real_new.sum(-1))
+            self.max_budget = int(self.budget.max())  # one host sync, at prefill only
+        capacity = self.keys.shape[2]
+        if capacity - self.bound < q:
+            self._grow(q - (capacity - self.bound))
+        if self.bound == 0:  # empty buffer: the new tokens take the first q slots
+            slots = torch.arange(q, device=k.device).expand(b, h, q)
+            self.keys[:, :, :q] = k
+            self.values[:, :, :q] = v
+        else:
+            slots = self.valid.to(torch.int8).sort(dim=-1, stable=True).indices[..., :q]
+            d = k.shape[-1]
+            self.keys.scatter_(2, slots.unsqueeze(-1).expand(-1, -1, -1, d), k)
+            self.values.scatter_(2, slots.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]), v)
+        self.valid.scatter_(2, slots, real_new.unsqueeze(1).expand(b, h, q))
+        self.pos.scatter_(2, slots, pos_new.unsqueeze(1).expand(b, h, q))
+        if self.score is not None:
+            self.score.scatter_(2, slots, 0.0)
+        for n, (_, init) in self.policy.slot_fields.items():
+            self.fields[n].scatter_(2, slots, init)
+        self.bound += q
+        self.seen = self.seen + real_new.sum(-1)
+        self.seen_columns += q
+        self.step += 1
+        return pos_new, slots
+
+    def evict(self, slots: torch.Tensor) -> None:
+        state = LayerState(
+            valid=self.valid, pos=self.pos, score=self.score, seen=self.seen, budget=self.budget,
+            new_slots=slots, fields=self.fields, layer_idx=self.layer_idx, step=self.step,
+        )  # fmt: skip
+        keep = self.policy.keep(state)
+        if keep is not None:
+            self.valid = self.valid & keep
+            if not self.policy_keeps_heads_aligned:
+                self.uniform_heads = False
+        self.bound = min(self.bound, self.max_budget)
+        capacity = self.keys.shape[2]
+        if capacity > 2 * (self.bound + 1) and capacity > self.bound + 64:
+            self._compact(self.bound + 1)
+
+    @property
+    def policy_keeps_heads_aligned(self) -> bool:
+        return not getattr(self.policy, "per_head", False)
+
+    def stored_tokens(self) -> torch.Tensor:
+        """(B,) tokens stored per sample (largest over heads)."""
+        if not self.is_initialized:
+            return torch.zeros(0, dtype=torch.long)
+        return self.valid.sum(-1).amax(-1)
+
+
+class EvictionCache(Cache):
+    """A `transformers.Cache` whose layers evict by a policy; pass it as `past_key_values`."""
+
+    def __init__(self, policy: Policy, num_layers: int) -> None:
+        super().__init__(layers=[EvictionLayer(policy, i) for i in range(num_layers)])
+        self.policy = policy
+
+    def stored_tokens(self) -> torch.Tensor:
+        """(B,) tokens stored per sample, the largest over layers (all layers share one budget)."""
+        counts = [layer.stored_tokens() for layer in self.layers if layer.is_initialized]
+        return torch.stack([c.to(counts[0].device) for c in counts]).amax(0)
+
+    def kv_bytes(self) -> int:
+        """Bytes of key/value storage currently held (allocated buffers, all layers)."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                total += layer.keys.numel() * layer.keys.element_size() * 2
+        return total
+
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy available to `make_cache` and the `cache=` config group by its name."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def load_policies() -> dict[str, type[Policy]]:
+    import baselines  # noqa: F401  (registers the baselines)
+    import buzz.policies  # noqa: F401  (registers BUZZ)
+
+    return POLICIES
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    policies = load_policies()
+    if name not in policies:
+        raise ValueError(f"cache policy {name!r} is unknown; allowed: {', '.join(sorted(policies))}")
+    cls = policies[name]
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise ValueError(f"cache={name}: {e}") from None
+
+
+def make_cache(policy: str, model: Any, **params: Any) -> EvictionCache:
+    """A fresh cache for one generation: `make_cache("h2o", model, budget=0.2)`.
+
+    Switches the model to the 'kvbench' attention implementation (plain SDPA when no eviction cache is in use),
+    which applies the cache's per-slot mask and accumulates attention scores where the policy needs them.
+    """
+    from buzz.attention import use_kvbench_attention
+
+    pol = make_policy(policy, **params)
+    use_kvbench_attention(model)
+    return EvictionCache(pol, model.config.get_text_config().num_hidden_layers)

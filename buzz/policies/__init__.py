@@ -1,0 +1,1 @@
+"""The BUZZ policy family (registered on import)."""

@@ -1,0 +1,93 @@
+"""An independent reference for eviction policies: full attention with a mask hiding the evicted tokens.
+
+Each step re-runs the whole sequence through a tiny model with an eager attention function that applies, per layer
+and per KV head, a mask in which row j sees exactly the tokens that were stored when token j was processed (plus
+itself). That reproduces what an evicting cache computes without using any of its code: the kept sets come from
+simple per-policy rules over Python sets, and attention scores come from the eager softmax weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+
+REF = {"masks": {}, "weights": {}}
+
+
+def _ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    k = key.repeat_interleave(g, 1)
+    v = value.repeat_interleave(g, 1)
+    logits = (query.float() @ k.float().transpose(-1, -2)) * scaling
+    mask = REF["masks"][module.layer_idx].repeat_interleave(g, 1)  # (b, hq, t, t) bool
+    weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    REF["weights"][module.layer_idx] = weights
+    return (weights @ v.float()).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("kvbench_reference", _ref_attention)
+AttentionMaskInterface.register("kvbench_reference", lambda **kw: None)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 97) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval().float()
+
+
+# A rule maps (kept positions, scores {pos: float}, tokens seen, step) -> positions to keep, for one layer and head.
+Rule = Callable[[set[int], dict[int, float], int], set[int]]
+
+
+def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule) -> torch.Tensor:
+    """Logits (len(ids) - n_prompt + 1, vocab) for the prompt's last token and each later token, one at a time."""
+    cfg = model.config
+    n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    g = cfg.num_attention_heads // hkv
+    impl = cfg._attn_implementation
+    model.set_attn_implementation("kvbench_reference")
+    total = len(ids)
+    # visible[l][h][j] = the set of positions row j may attend to.
+    visible = [[{} for _ in range(hkv)] for _ in range(n_layers)]
+    kept = [[set() for _ in range(hkv)] for _ in range(n_layers)]
+    scores = [[{} for _ in range(hkv)] for _ in range(n_layers)]
+    for layer in range(n_layers):
+        for h in range(hkv):
+            for j in range(n_prompt):
+                visible[layer][h][j] = set(range(j + 1))
+    out = []
+    try:
+        for t in range(n_prompt, total + 1):  # t = tokens processed after this forward
+            masks = {}
+            for layer in range(n_layers):
+                m = torch.zeros(1, hkv, t, t, dtype=torch.bool)
+                for h in range(hkv):
+                    for j in range(t):
+                        m[0, h, j, sorted(visible[layer][h][j])] = True
+                masks[layer] = m
+            REF["masks"] = masks
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[:t]]), position_ids=torch.arange(t)[None]).logits
+            out.append(logits[0, -1])
+            new_rows = range(0, n_prompt) if t == n_prompt else range(t - 1, t)
+            for layer in range(n_layers):
+                w = REF["weights"][layer][0].view(hkv, g, t, t).sum(1)  # (hkv, t, t)
+                for h in range(hkv):
+                    for j in new_rows:
+                        for i in visible[layer][h][j]:
+                            scores[layer][h][i] = scores[layer][h].get(i, 0.0) + float(w[h, j, i])
+                    stored = kept[layer][h] | set(new_rows)
+                    kept[layer][h] = rule(stored, scores[layer][h], t)
+                    if t < total:
+                        visible[layer][h][t] = kept[layer][h] | {t}
+    finally:
+        model.set_attn_implementation(impl)
+    return torch.stack(out)
