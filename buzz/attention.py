@@ -20,7 +20,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from buzz import cache as core
 
 NAME = "kvbench"
-SCORE_BLOCK_BYTES = 256 * 2**20  # float32 attention weights materialised at once when scoring
+# float32 attention weights materialised at once when scoring (per forward of one layer)
+SCORE_BLOCK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 
 
 def _passthrough_mask(*, attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor | None:
@@ -99,7 +100,7 @@ def _scored_attention(layer, query, mask, real_new, scaling):
     g = hq // hkv
     scale = scaling if scaling is not None else d**-0.5
     qg = query.view(b, hkv, g, q, d)
-    block = max(1, SCORE_BLOCK_BYTES // max(1, b * hq * c * 4))
+    block = max(1, SCORE_BLOCK_BYTES.get(query.device.type, 2**28) // max(1, b * hq * c * 4))
     outs = []
     for start in range(0, q, block):
         stop = min(q, start + block)

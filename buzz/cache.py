@@ -68,6 +68,10 @@ class Policy:
             return (prompt_tokens.double() * self.budget).floor().long().clamp_min(1)
         return torch.full_like(prompt_tokens, self.budget)
 
+    def size_bound(self, max_budget: int) -> int:
+        """Host-side upper bound of the tokens a head keeps after eviction (sizes buffers without syncs)."""
+        return max_budget
+
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
@@ -232,7 +236,7 @@ class EvictionLayer(CacheLayerMixin):
         for n, (_, init) in self.policy.slot_fields.items():
             self.fields[n].scatter_(2, slots, init)
         self.bound += q
-        self.seen = self.seen + real_new.sum(-1)
+        self.seen += real_new.sum(-1)  # in place: decode steps must be replayable as a CUDA graph
         self.seen_columns += q
         self.step += 1
         return pos_new, slots
@@ -244,13 +248,21 @@ class EvictionLayer(CacheLayerMixin):
         )  # fmt: skip
         keep = self.policy.keep(state)
         if keep is not None:
-            self.valid = self.valid & keep
+            self.valid &= keep
             if not self.policy_keeps_heads_aligned:
                 self.uniform_heads = False
-        self.bound = min(self.bound, self.max_budget)
+        self.bound = min(self.bound, self.policy.size_bound(self.max_budget))
+        # After a large eviction (typically the prefill), shrink the buffer to budget + 1 slots so that decode
+        # steps read only what is kept; in steady state nothing moves.
         capacity = self.keys.shape[2]
-        if capacity > 2 * (self.bound + 1) and capacity > self.bound + 64:
+        if self.bound < UNBOUNDED and capacity > self.bound + 1 + max(64, self.bound // 8):
             self._compact(self.bound + 1)
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` more tokens now, so later steps never reallocate (CUDA-graph capture)."""
+        free = self.keys.shape[2] - self.bound
+        if free < tokens:
+            self._grow(tokens - free)
 
     @property
     def policy_keeps_heads_aligned(self) -> bool:
@@ -275,6 +287,11 @@ class EvictionCache(Cache):
         counts = [layer.stored_tokens() for layer in self.layers if layer.is_initialized]
         return torch.stack([c.to(counts[0].device) for c in counts]).amax(0)
 
+    def reserve(self, tokens: int) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reserve(tokens)
+
     def kv_bytes(self) -> int:
         """Bytes of key/value storage currently held (allocated buffers, all layers)."""
         total = 0
@@ -282,6 +299,13 @@ class EvictionCache(Cache):
             if layer.is_initialized:
                 total += layer.keys.numel() * layer.keys.element_size() * 2
         return total
+
+
+def cache_kwarg(model: Any) -> str:
+    """Name of the forward argument taking the cache: transformers renamed `past_key_values` to `cache` in late 5.x."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 POLICIES: dict[str, type[Policy]] = {}
