@@ -29,5 +29,5 @@ class H2O(Policy):
     def keep(self, s: LayerState) -> torch.Tensor:
         n_recent = self.recent_tokens(s.budget)
         recent = recent_mask(s, n_recent)
-        heavy = top_k_mask(s.score, s.valid & ~recent, s.budget - n_recent)
+        heavy = top_k_mask(s.score, s.valid & ~recent, s.budget - n_recent, max_drop=s.n_new)
         return recent | heavy

@@ -18,8 +18,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from buzz import cache as core
+from buzz.kernels import causal_attention_with_column_sums, fused_prefill_available
 
 NAME = "kvbench"
+USE_FUSED_PREFILL = True  # Triton column sums for unpadded half-precision prefills on CUDA (see buzz.kernels)
 # float32 attention weights materialised at once when scoring (per forward of one layer)
 SCORE_BLOCK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 
@@ -63,13 +65,26 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     core._PENDING["layer"] = None
     b, hq, q, d = query.shape
     real_new = _real_new_tokens(attention_mask, b, q, query.device)
+    empty = layer.bound == 0
     pos_new, slots = layer.write(real_new)
+    if empty and attention_mask is None and layer.score is None:
+        # Unpadded prefill of an empty cache: plain causal attention over the new tokens (flash kernels).
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=hq != key.shape[1]
+        )
+        layer.evict(slots)
+        return out.transpose(1, 2).contiguous(), None
     heads = 1 if layer.uniform_heads else layer.keys.shape[1]
     # Slot j is visible to query i if it is valid and not in i's future. Fully masked rows only occur for
     # padding queries; let those see every slot (their outputs are never used) to keep softmax finite.
     mask = layer.valid[:, :heads, None, :] & (layer.pos[:, :heads, None, :] <= pos_new[:, None, :, None])
     mask = mask | ~real_new[:, None, :, None]
     if layer.score is not None:
+        if empty and attention_mask is None and q > 1 and USE_FUSED_PREFILL and fused_prefill_available(query):
+            out, sums = causal_attention_with_column_sums(query, key, value, scaling)
+            layer.score[:, :, :q] += sums.view(b, key.shape[1], -1, q).sum(2)
+            layer.evict(slots)
+            return out.transpose(1, 2).contiguous(), None
         out = _scored_attention(layer, query, mask, real_new, scaling)
     else:
         out = _masked_sdpa(query, layer.keys, layer.values, mask, scaling)

@@ -84,10 +84,10 @@ def read_bandwidth(device: torch.device, gib: float = 4.0) -> float | None:
     x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
     for _ in range(3):
-        torch.sum(x, dtype=torch.float32, out=out)
+        torch.sum(x, dim=0, dtype=torch.float32, out=out)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        torch.sum(x, dtype=torch.float32, out=out)
+        torch.sum(x, dim=0, dtype=torch.float32, out=out)
     times = []
     for _ in range(10):
         with Timer(device) as t:

@@ -40,6 +40,7 @@ class LayerState:
     seen: torch.Tensor  # (B,) long: real tokens seen so far, this forward included
     budget: torch.Tensor  # (B,) long: tokens each sample may keep
     new_slots: torch.Tensor  # (B, H, q) long: slots written by this forward
+    n_new: int  # q, the tokens this forward added (at most this many are in excess of the budget)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-owned per-slot tensors
     layer_idx: int = 0
     step: int = 0  # forwards so far, this one included
@@ -108,12 +109,23 @@ def sink_mask(s: LayerState, n: torch.Tensor | int) -> torch.Tensor:
     return s.valid & (s.pos < n)
 
 
-def top_k_mask(values: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Among `candidates` (B, H, C), the k[b] slots with the largest `values`, per head (ties: lower slot)."""
-    masked = values.float().masked_fill(~candidates, -math.inf)
-    order = masked.sort(dim=-1, descending=True, stable=True).indices
+def top_k_mask(values: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, max_drop: int | None = None):
+    """Among `candidates` (B, H, C), the k[b] slots with the largest `values`, per head.
+
+    `max_drop` bounds how many candidates can be in excess of k (a forward adds `n_new` tokens to a cache that was
+    within budget, so at most `n_new` go): then only the `max_drop` lowest are ranked, a top-k pass instead of a
+    full sort, which keeps a decode step's selection proportional to what it evicts.
+    """
+    c = candidates.shape[-1]
+    if max_drop is not None and max_drop < c:
+        n_drop = (candidates.sum(-1) - k.view(-1, 1)).clamp_min(0)
+        lowest = values.float().masked_fill(~candidates, math.inf).topk(max_drop, dim=-1, largest=False).indices
+        rank = torch.arange(max_drop, device=values.device)
+        drop = torch.zeros_like(candidates).scatter_(-1, lowest, rank < n_drop.unsqueeze(-1))
+        return candidates & ~drop
+    order = values.float().masked_fill(~candidates, -math.inf).sort(dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank.scatter_(-1, order, torch.arange(c, device=order.device).expand_as(order))
     return candidates & (rank < k.view(-1, 1, 1))
 
 
@@ -225,7 +237,10 @@ class EvictionLayer(CacheLayerMixin):
             self.keys[:, :, :q] = k
             self.values[:, :, :q] = v
         else:
-            slots = self.valid.to(torch.int8).sort(dim=-1, stable=True).indices[..., :q]
+            if q == 1:  # decode: the first free slot (a reduction, not a sort)
+                slots = (~self.valid).to(torch.int8).argmax(-1, keepdim=True)
+            else:
+                slots = self.valid.to(torch.int8).sort(dim=-1, stable=True).indices[..., :q]
             d = k.shape[-1]
             self.keys.scatter_(2, slots.unsqueeze(-1).expand(-1, -1, -1, d), k)
             self.values.scatter_(2, slots.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]), v)
@@ -244,7 +259,7 @@ class EvictionLayer(CacheLayerMixin):
     def evict(self, slots: torch.Tensor) -> None:
         state = LayerState(
             valid=self.valid, pos=self.pos, score=self.score, seen=self.seen, budget=self.budget,
-            new_slots=slots, fields=self.fields, layer_idx=self.layer_idx, step=self.step,
+            new_slots=slots, n_new=slots.shape[-1], fields=self.fields, layer_idx=self.layer_idx, step=self.step,
         )  # fmt: skip
         keep = self.policy.keep(state)
         if keep is not None:
