@@ -18,10 +18,16 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from buzz import cache as core
-from buzz.kernels import causal_attention_with_column_sums, fused_prefill_available
+from buzz.kernels import (
+    causal_attention_with_column_sums,
+    decode_attention,
+    fused_decode_available,
+    fused_prefill_available,
+)
 
 NAME = "kvbench"
 USE_FUSED_PREFILL = True  # Triton column sums for unpadded half-precision prefills on CUDA (see buzz.kernels)
+USE_FUSED_DECODE = True  # Triton split-KV decode attention (scores fused) in half precision on CUDA
 # float32 attention weights materialised at once when scoring (per forward of one layer)
 SCORE_BLOCK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 
@@ -72,6 +78,11 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=hq != key.shape[1]
         )
+        layer.evict(slots)
+        return out.transpose(1, 2).contiguous(), None
+    if q == 1 and attention_mask is None and USE_FUSED_DECODE and fused_decode_available(query):
+        # Decode step: every stored slot is older than the query, so validity is the whole mask.
+        out = decode_attention(query, layer.keys, layer.values, layer.valid, scaling, layer.score)
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
     heads = 1 if layer.uniform_heads else layer.keys.shape[1]

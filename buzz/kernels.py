@@ -58,6 +58,106 @@ if triton is not None:
         tl.store(OUT + b * so_b + h * so_h + offs_n, acc, mask=offs_n < N_CTX)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _decode_split(
+        Q, K, V, VALID, M_OUT, L_OUT, ACC, S_OUT,
+        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h,
+        HKV, GROUP, C, SPLIT, scale_log2,
+        G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WRITE_S: tl.constexpr,
+    ):  # fmt: skip
+        # One program: the GROUP query heads of one KV head, over keys [split * SPLIT, (split + 1) * SPLIT).
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        rows = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        hq = hk * GROUP + rows
+        q = tl.load(Q + b * sq_b + hq[:, None] * sq_h + offs_d[None, :], mask=rows[:, None] < GROUP, other=0.0)
+        m = tl.full([G_PAD], -float("inf"), dtype=tl.float32)
+        l_sum = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+        start = split * SPLIT
+        for n0 in range(start, tl.minimum(start + SPLIT, C), BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_range = offs_n < C
+            k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)  # fmt: skip
+            ok = tl.load(VALID + b * sm_b + hk * sm_h + offs_n, mask=in_range, other=0) != 0
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # log2 units
+            s = tl.where(ok[None, :], s, -float("inf"))
+            if WRITE_S:
+                tl.store(S_OUT + (b * HKV * GROUP + hq[:, None]) * C + offs_n[None, :], s,
+                         mask=(rows[:, None] < GROUP) & in_range[None, :])  # fmt: skip
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+                        mask=in_range[:, None], other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            m = m_new
+        n_split = tl.num_programs(1)
+        base = (b * HKV * GROUP + hq) * n_split + split
+        tl.store(M_OUT + base, m, mask=rows < GROUP)
+        tl.store(L_OUT + base, l_sum, mask=rows < GROUP)
+        tl.store(ACC + base[:, None] * D + offs_d[None, :], acc, mask=rows[:, None] < GROUP)
+
+
+def fused_decode_available(query: torch.Tensor) -> bool:
+    return (
+        triton is not None
+        and query.is_cuda
+        and query.shape[2] == 1
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] in (16, 32, 64, 128, 256)
+    )
+
+
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float | None,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One query token per sequence over the slot buffer, split over the keys (flash-decoding), masked by
+    `valid` (B, Hkv, C). When `scores` (B, Hkv, C) is given, the attention each slot receives, summed over the
+    group's query heads, is added to it. Returns (B, Hq, 1, D)."""
+    b, hq, _, d = query.shape
+    hkv, c = keys.shape[1], keys.shape[2]
+    group = hq // hkv
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    block_n = 64
+    # Enough programs to fill the GPU several times over, each over whole blocks of keys.
+    n_split = max(1, min(triton.cdiv(c, block_n), triton.cdiv(4 * 132, b * hkv)))
+    split = triton.cdiv(triton.cdiv(c, n_split), block_n) * block_n
+    n_split = triton.cdiv(c, split)
+    f32 = dict(dtype=torch.float32, device=query.device)
+    m = torch.empty(b, hq, n_split, **f32)
+    l_sum = torch.empty(b, hq, n_split, **f32)
+    acc = torch.empty(b, hq, n_split, d, **f32)
+    s_out = torch.empty(b, hq, c, **f32) if scores is not None else m
+    valid_u8 = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    _decode_split[(b * hkv, n_split)](
+        query, keys, values, valid_u8, m, l_sum, acc, s_out,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), valid_u8.stride(0), valid_u8.stride(1),
+        hkv, group, c, split, scale * LOG2E,
+        G_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d, WRITE_S=scores is not None,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    m_all = m.amax(-1, keepdim=True)
+    m_all = torch.where(torch.isinf(m_all), 0.0, m_all)
+    w = torch.exp2(m - m_all)
+    denom = (l_sum * w).sum(-1, keepdim=True)
+    out = (acc * w.unsqueeze(-1)).sum(2) / denom
+    if scores is not None:
+        lse2 = m_all + torch.log2(denom)  # (B, Hq, 1), log2 units
+        scores += torch.exp2(s_out - lse2).view(b, hkv, group, c).sum(2)
+    return out.unsqueeze(2).to(query.dtype)
+
+
 def fused_prefill_available(query: torch.Tensor) -> bool:
     return (
         triton is not None

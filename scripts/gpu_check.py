@@ -12,10 +12,10 @@ from buzz.cache import cache_kwarg, load_policies, make_cache
 from buzz.graphs import GraphDecodeStep
 
 
-def decode(model, policy: str, graph: bool, steps: int = 24) -> torch.Tensor:
+def decode(model, policy: str, graph: bool, steps: int = 24, prompt: int = 40, budget: int = 16) -> torch.Tensor:
     torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (3, 40), device="cuda")
-    cache = make_cache(policy, model, **({} if policy == "full" else {"budget": 16}))
+    ids = torch.randint(0, model.config.vocab_size, (3, prompt), device="cuda")
+    cache = make_cache(policy, model, **({} if policy == "full" else {"budget": budget}))
     kw = cache_kwarg(model)
     out = []
     with torch.inference_mode():
@@ -23,7 +23,7 @@ def decode(model, policy: str, graph: bool, steps: int = 24) -> torch.Tensor:
         if policy == "full":
             cache.reserve(steps)
         step = GraphDecodeStep(model, cache, kw)
-        pos = torch.full((3, 1), 40, device="cuda")
+        pos = torch.full((3, 1), prompt, device="cuda")
         for _ in range(steps):
             tok = logits.argmax(-1, keepdim=True)
             if graph:
@@ -60,6 +60,18 @@ if __name__ == "__main__":
         err = (decode(model, name, True) - decode(model, name, False)).abs().max().item()
         print(f"graph vs eager, {name}: max |diff| = {err:.2e}")
         bad += err > 1e-4
+    import buzz.attention as attn
+
+    half = build_model("smollm2-135m", torch.bfloat16, "cuda")
+    for name in names:
+        runs = []
+        for fused in (True, False):
+            attn.USE_FUSED_DECODE = fused
+            runs.append(decode(half, name, graph=True, prompt=600, budget=200))
+        attn.USE_FUSED_DECODE = True
+        rel = ((runs[0] - runs[1]).abs().max() / runs[1].abs().max()).item()
+        print(f"fused decode vs PyTorch path (bf16), {name}: max relative diff = {rel:.2e}")
+        bad += rel > 2e-2
     rel = fused_prefill_matches()
     print(f"fused prefill scores vs PyTorch path: max relative diff = {rel:.2e}")
     bad += rel > 2e-2
