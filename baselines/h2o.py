@@ -16,7 +16,9 @@ class H2O(Policy):
     def __init__(self, budget: int | float = 0.5, recent: int | float = 0.5) -> None:
         super().__init__(budget)
         if isinstance(recent, bool) or not isinstance(recent, (int, float)) or recent < 0:
-            raise ValueError(f"cache.recent={recent!r} is invalid; allowed: an int of tokens or a fraction of the budget")
+            raise ValueError(
+                f"cache.recent={recent!r} is invalid; allowed: an int of tokens or a fraction of the budget"
+            )
         if isinstance(recent, float) and recent > 1:
             raise ValueError(f"cache.recent={recent} is invalid; allowed: a float fraction of the budget in [0, 1]")
         self.recent = recent

@@ -229,9 +229,11 @@ def summarize(result: dict, prompt: int = 16384, batch: int = 4, budget: float =
 
     def at(policy: str, mode: str | None = None) -> dict | None:
         for p in result["points"]:
-            if (p["prompt"], p["batch"], p["policy"]) == (prompt, batch, policy) and (
-                policy == "full" or p["budget"] == budget
-            ) and (mode is None or p["mode"] == mode):
+            if (
+                (p["prompt"], p["batch"], p["policy"]) == (prompt, batch, policy)
+                and (policy == "full" or p["budget"] == budget)
+                and (mode is None or p["mode"] == mode)
+            ):
                 return p
         return None
 
@@ -248,7 +250,7 @@ def summarize(result: dict, prompt: int = 16384, batch: int = 4, budget: float =
     for name, p in [("full", best_full), ("full_eager", at("full", "eager"))] + [(n, at(n)) for n in policies]:
         decode[name], roof[name], prefill[name] = value(p, "decode_ms"), value(p, "roofline_ms"), value(p, "prefill_ms")
     oom_point = None
-    for (pr, b) in sorted({(p["prompt"], p["batch"]) for p in result["points"]}):
+    for pr, b in sorted({(p["prompt"], p["batch"]) for p in result["points"]}):
         here = [p for p in result["points"] if (p["prompt"], p["batch"]) == (pr, b)]
         full_oom = all(p["status"] == "oom" for p in here if p["policy"] == "full")
         others_ok = all(p["status"] == "ok" for p in here if p["policy"] != "full")

@@ -178,7 +178,9 @@ def causal_attention_with_column_sums(
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     k_rep = key.repeat_interleave(group, 1) if group > 1 else key
     v_rep = value.repeat_interleave(group, 1) if group > 1 else value
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k_rep, v_rep, 0.0, True, False, scale=scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, k_rep, v_rep, 0.0, True, False, scale=scale)[
+        :2
+    ]
     sums = torch.empty(b, hq, n, dtype=torch.float32, device=query.device)
     block_m, block_n = 64, 64
     grid = (b * hq, triton.cdiv(n, block_n))

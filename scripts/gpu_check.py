@@ -1,6 +1,6 @@
 """On a GPU: CUDA-graph decode equals eager decode for every policy (tiny random Llama, float32).
 
-    python scripts/gpu_check.py [policy ...]
+python scripts/gpu_check.py [policy ...]
 """
 
 import sys
@@ -76,4 +76,3 @@ if __name__ == "__main__":
     print(f"fused prefill scores vs PyTorch path: max relative diff = {rel:.2e}")
     bad += rel > 2e-2
     sys.exit(1 if bad else 0)
-

@@ -1,0 +1,390 @@
+"""Runs one job (model x cache x task): generation or perplexity through the evicting cache, scoring, records."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from buzz.cache import EvictionCache, cache_kwarg, make_cache, make_policy
+from buzz.records import RunRecords, config_hash, environment
+
+REPO = Path(__file__).resolve().parents[1]
+TOP_LEVEL_KEYS = {"model", "cache", "task", "logger", "seed", "device", "batch_size", "limit", "data_dir"}
+TOP_LEVEL_KEYS |= {"output_dir", "progress"}
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+
+
+class ConfigError(ValueError):
+    """A bad configuration: its message is one line naming the bad value and the allowed ones."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every part of a composed config without loading anything heavy. Raises ConfigError (one line)."""
+    from buzz.models import validate_model_cfg
+    from buzz.tasks import build_task
+
+    unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size!r} is invalid; allowed: an int >= 1")
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise ConfigError(f"limit={cfg.limit!r} is invalid; allowed: an int >= 1 or null")
+    if cfg.progress not in ("auto", True, False):
+        raise ConfigError(f"progress={cfg.progress!r} is invalid; allowed: auto, true, false")
+    dev = str(cfg.device)
+    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+        raise ConfigError(f"device={dev!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    try:
+        validate_model_cfg(cfg.model)
+        build_task(cfg.task)
+        cache_policy(cfg.cache)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def cache_params(cache_cfg: DictConfig) -> dict[str, Any]:
+    params = OmegaConf.to_container(cache_cfg, resolve=True)
+    params.pop("name")
+    return params
+
+
+def cache_policy(cache_cfg: DictConfig):
+    """Build (and so validate) the policy a cache config names; unknown keys get the allowed ones listed."""
+    from buzz.cache import load_policies
+
+    name = cache_cfg.get("name")
+    policies = load_policies()
+    if name not in policies:
+        raise ConfigError(f"cache={name} is unknown; allowed: {', '.join(sorted(policies))}")
+    params = cache_params(cache_cfg)
+    allowed = [p for p in inspect.signature(policies[name].__init__).parameters if p != "self"]
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(f"cache.{key} is not a key of cache={name}; allowed: {', '.join(['name', *allowed])}")
+    return make_policy(name, **params)
+
+
+def resolve_data_dir(value: Any) -> Path | None:
+    """None means the Hub (online users); otherwise the offline data directory."""
+    if value in (None, "hub"):
+        return None
+    if value == "auto":
+        for cand in (os.environ.get("KVBENCH_DATA_DIR"), REPO.parent / "shared" / "data"):
+            if cand and Path(cand).is_dir():
+                return Path(cand)
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"data_dir={value} is not a directory; allowed: auto, hub, or an existing path")
+    return path
+
+
+def run_dir_for(cfg: DictConfig, data_origin: str) -> Path:
+    """Readable and deterministic: results/runs/<task>/<model>/<cache>-b<budget>-<hash of what changes results>."""
+    identity = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "cache": OmegaConf.to_container(cfg.cache, resolve=True),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "seed": cfg.seed,
+        "data": data_origin,
+    }
+    budget = cfg.cache.get("budget")
+    label = cfg.cache.name if budget is None else f"{cfg.cache.name}-b{budget}"
+    return Path(cfg.output_dir) / cfg.task.name / cfg.model.name / f"{label}-{config_hash(identity)}"
+
+
+def show_progress(cfg: DictConfig) -> bool:
+    return (not os.environ.get("CI")) if cfg.progress == "auto" else bool(cfg.progress)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers."""
+    c = model.config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model, prompts: Sequence[Sequence[int]], cache: EvictionCache, max_new_tokens: int, eos_ids: set[int],
+    pad_id: int, progress: bool = False,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy decoding of a left-padded batch through `cache`. Per sample: new token ids, stored-token trace
+    (after each forward), and the batch's timings."""
+    device = next(model.parameters()).device
+    kw = cache_kwarg(model)
+    ids, mask = left_pad(prompts, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    # Without padding, no mask: the cache then takes the flash (is_causal) path for the prefill.
+    prefill_mask = None if bool(mask.all()) else mask
+    logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=pos, logits_to_keep=1, **{kw: cache}).logits
+    token = logits[:, -1].argmax(-1)
+    stored = [cache.stored_tokens()]
+    _sync(device)
+    t_first = time.perf_counter()
+    tokens = [token]
+    done = torch.isin(token, eos)
+    for _ in tqdm(range(max_new_tokens - 1), desc="tokens", leave=False, disable=not progress):
+        if bool(done.all()):
+            break
+        # Decode tokens are never padding, and padded slots are already invalid in the cache: no mask needed.
+        pos = pos[:, -1:] + 1
+        logits = model(input_ids=token[:, None], position_ids=pos, **{kw: cache}).logits
+        token = torch.where(done, pad_id, logits[:, -1].argmax(-1))
+        tokens.append(token)
+        stored.append(cache.stored_tokens())
+        done |= torch.isin(token, eos)
+    _sync(device)
+    t_end = time.perf_counter()
+    steps = len(tokens) - 1
+    out_tokens = torch.stack(tokens, 1).tolist()
+    trace = torch.stack(stored, 1).tolist()
+    prefill_ms = (t_first - t0) * 1e3
+    decode_ms = (t_end - t_first) * 1e3 / steps if steps else float("nan")
+    results = []
+    for i, row in enumerate(out_tokens):
+        n = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+        results.append({
+            "new_tokens": row[:n], "stored_trace": trace[i][: n + 1] if n < len(row) else trace[i],
+            "prefill_ms": prefill_ms, "decode_ms_per_step": decode_ms, "batch_tokens_per_s": len(prompts) * steps
+            / max(t_end - t_first, 1e-9), "batch_size": len(prompts),
+        })  # fmt: skip
+    return results
+
+
+@torch.inference_mode()
+def stream_nll(
+    model, streams: torch.Tensor, prefix: int, cache: EvictionCache, progress: bool = False
+) -> list[dict[str, Any]]:
+    """Teacher-forced negative log-likelihood of each stream's tokens after the first `prefix`, fed one at a time
+    through the cache (a single full-window forward would never evict)."""
+    from buzz.metrics import token_nll
+
+    device = next(model.parameters()).device
+    kw = cache_kwarg(model)
+    streams = streams.to(device)
+    b, n = streams.shape
+    nll = torch.zeros(b, dtype=torch.float64, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = model(input_ids=streams[:, :prefix], logits_to_keep=1, **{kw: cache}).logits[:, -1]
+    stored = [cache.stored_tokens()]
+    _sync(device)
+    t_first = time.perf_counter()
+    for t in tqdm(range(prefix, n), desc="tokens", leave=False, disable=not progress):
+        nll += token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
+        if t + 1 < n:
+            logits = model(input_ids=streams[:, t : t + 1], **{kw: cache}).logits[:, -1]
+            stored.append(cache.stored_tokens())
+    _sync(device)
+    t_end = time.perf_counter()
+    steps = max(n - prefix - 1, 1)
+    trace = torch.stack(stored, 1).tolist()
+    return [
+        {
+            "nll_sum": float(nll[i]),
+            "n_tokens": n - prefix,
+            "stored_trace": trace[i],
+            "prefill_ms": (t_first - t0) * 1e3,
+            "decode_ms_per_step": (t_end - t_first) * 1e3 / steps,
+            "batch_tokens_per_s": b * steps / max(t_end - t_first, 1e-9),
+            "batch_size": b,
+        }  # fmt: skip
+        for i in range(b)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # CPU: the process's peak resident set (Linux reports KiB).
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configured job to completion (resuming finished samples) and return its summary."""
+    from buzz.models import load_model, resolve_device
+    from buzz.tasks import build_task
+    from buzz.wandb_logger import RunLogger
+
+    validate(cfg)
+    task = build_task(cfg.task)
+    data_dir = resolve_data_dir(cfg.data_dir)
+    samples, source = task.load(data_dir, cfg.limit)
+    if not samples:
+        raise ConfigError(f"task={cfg.task.name} has no samples in {source.location}")
+    run_dir = run_dir_for(cfg, source.origin)
+    records = RunRecords(run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    records.write_json("config.json", resolved)
+    done = records.samples()
+    todo = [s for s in samples if s.id not in done]
+    progress = show_progress(cfg)
+    print(f"[kvbench] {cfg.task.name} x {cfg.model.name} x {cfg.cache.name}: {len(samples)} samples "
+          f"({len(samples) - len(todo)} already done) -> {run_dir}", file=sys.stderr)  # fmt: skip
+
+    status, error = "done", None
+    logger = RunLogger(cfg.logger, run_name=str(run_dir.relative_to(cfg.output_dir)), config=resolved, run_dir=run_dir)
+    device = torch.device(resolve_device(str(cfg.device)))
+    if todo:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model(cfg.model, str(device))
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        per_token = kv_bytes_per_token(model, next(model.parameters()).dtype)
+        params = cache_params(cfg.cache)
+        if task.kind == "perplexity" and isinstance(params.get("budget"), float):
+            # A fractional budget for perplexity is a fraction of the stream length (the whole evaluated text).
+            params["budget"] = max(1, math.floor(params["budget"] * task.stream_tokens))
+        eos_ids = {
+            i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id] if i is not None
+        }
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        bar = tqdm(total=len(todo), desc="samples", disable=not progress)
+        for batch in _chunks(todo, cfg.batch_size):
+            encoded = [task.encode(s, tokenizer) for s in batch]
+            cache = make_cache(cfg.cache.name, model, **params)
+            try:
+                if task.kind == "perplexity":
+                    outs = stream_nll(model, torch.tensor(encoded), task.prefix_tokens, cache, progress)
+                else:
+                    outs = generate_greedy(model, encoded, cache, task.max_new_tokens, eos_ids, pad_id, progress)
+            except torch.OutOfMemoryError as e:
+                status, error = "oom", str(e).splitlines()[0]
+                break
+            finally:
+                del cache
+            for sample, ids, out in zip(batch, encoded, outs):
+                rec = _sample_record(task, tokenizer, sample, ids, out, per_token)
+                records.append(rec)
+                logger.log_sample(rec)
+                done[sample.id] = rec
+            bar.update(len(batch))
+        bar.close()
+    summary = _summarize(cfg, task, source, [done[s.id] for s in samples if s.id in done], status, error, run_dir)
+    summary["peak_memory_bytes"] = peak_memory_bytes(device) if todo else summary.get("peak_memory_bytes")
+    summary["peak_memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    records.write_json("summary.json", summary)
+    logger.finish(summary)
+    print_summary(summary)
+    return summary
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _sample_record(task, tokenizer, sample, prompt_ids, out: dict, per_token: int) -> dict[str, Any]:
+    trace = out.pop("stored_trace")
+    decode_trace = trace[1:] or trace
+    rec: dict[str, Any] = {"id": sample.id, "prompt_tokens": len(prompt_ids)}
+    if task.kind == "perplexity":
+        rec["metrics"] = task.score_stream(out.pop("nll_sum"), out.pop("n_tokens"))
+        seen = len(prompt_ids)
+    else:
+        new = out.pop("new_tokens")
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        rec |= {"prediction": text, "new_tokens": len(new), "reference": sample.reference}
+        rec["metrics"] = task.score(sample, text)
+        seen = len(prompt_ids) + len(new)
+    rec |= {
+        "kv_tokens_after_prefill": trace[0], "kv_tokens_peak": max(trace),
+        "kv_tokens_mean": statistics.fmean(decode_trace),
+        "kv_bytes_peak": max(trace) * per_token, "kv_bytes_full": seen * per_token,
+    }  # fmt: skip
+    return rec | out
+
+
+def _summarize(cfg, task, source, recs: list[dict], status: str, error: str | None, run_dir: Path) -> dict:
+    metrics = task.aggregate([r["metrics"] for r in recs]) if recs else {}
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in recs if r.get(key) is not None and not math.isnan(r[key])]
+        return statistics.fmean(vals) if vals else None
+
+    kv_peak, kv_full = mean("kv_bytes_peak"), mean("kv_bytes_full")
+    return {
+        "status": status, "error": error, "run_dir": str(run_dir), "n": len(recs),
+        "task": cfg.task.name, "model": cfg.model.name, "cache": cfg.cache.name,
+        "budget": cfg.cache.get("budget"), "metrics": metrics, "metric_info": getattr(task, "metric_info", {}),
+        "data": source.to_dict(),
+        "kv_tokens_peak": max((r["kv_tokens_peak"] for r in recs), default=None),
+        "kv_tokens_mean": mean("kv_tokens_mean"), "kv_bytes_peak_mean": kv_peak, "kv_bytes_full_mean": kv_full,
+        "kv_ratio_vs_full": kv_peak / kv_full if kv_peak and kv_full else None,
+        "prefill_ms": mean("prefill_ms"), "decode_ms_per_token": mean("decode_ms_per_step"),
+        "tokens_per_s": mean("batch_tokens_per_s"), "batch_size": cfg.batch_size,
+        "config": OmegaConf.to_container(cfg, resolve=True), "environment": environment(),
+    }  # fmt: skip
+
+
+def print_summary(s: dict) -> None:
+    def fmt(v):
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    data = s["data"]
+    lines = [
+        f"== {s['task']} x {s['model']} x {s['cache']} (budget {fmt(s['budget'])}): {s['status']}, n={s['n']}",
+        "   " + "  ".join(f"{k}={fmt(v)}" for k, v in s["metrics"].items()),
+        f"   data: {data.get('origin')} {data.get('location')} ({'SYNTHETIC' if data.get('synthetic') else 'real'})",
+        f"   KV tokens stored: mean {fmt(s['kv_tokens_mean'])}, peak {fmt(s['kv_tokens_peak'])};"
+        f" KV bytes/sample {fmt(s['kv_bytes_peak_mean'])} vs full {fmt(s['kv_bytes_full_mean'])}"
+        f" ({fmt(s['kv_ratio_vs_full'])}x)",
+        f"   prefill {fmt(s['prefill_ms'])} ms, decode {fmt(s['decode_ms_per_token'])} ms/step,"
+        f" {fmt(s['tokens_per_s'])} tok/s (batch {s['batch_size']}), peak memory {fmt(s['peak_memory_bytes'])} B",
+        f"   records: {s['run_dir']}/samples.jsonl, summary.json",
+    ]
+    if s.get("error"):
+        lines.append(f"   error: {s['error']}")
+    print("\n".join(lines))
