@@ -38,3 +38,6 @@ wheelhouse:
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache outputs multirun
+
+# Paper tables (experiments/tables.mk): make tables, make table-summarization, make tables-render, ...
+-include experiments/tables.mk

@@ -44,6 +44,8 @@ class LayerState:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # policy-owned per-slot tensors
     layer_idx: int = 0
     step: int = 0  # forwards so far, this one included
+    keys: torch.Tensor | None = None  # (B, H, C, D) the slots' keys (policies that look at what they evict)
+    values: torch.Tensor | None = None  # (B, H, C, Dv) the slots' values
 
 
 class Policy:
@@ -69,9 +71,10 @@ class Policy:
             return (prompt_tokens.double() * self.budget).floor().long().clamp_min(1)
         return torch.full_like(prompt_tokens, self.budget)
 
-    def size_bound(self, max_budget: int) -> int:
-        """Host-side upper bound of the tokens a head keeps after eviction (sizes buffers without syncs)."""
-        return max_budget
+    def size_bound(self, max_budget: int, stored_bound: int) -> int:
+        """Host-side upper bound of the tokens a head keeps after eviction, given an upper bound of what it held
+        before (sizes buffers without syncs)."""
+        return min(max_budget, stored_bound)
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -260,13 +263,14 @@ class EvictionLayer(CacheLayerMixin):
         state = LayerState(
             valid=self.valid, pos=self.pos, score=self.score, seen=self.seen, budget=self.budget,
             new_slots=slots, n_new=slots.shape[-1], fields=self.fields, layer_idx=self.layer_idx, step=self.step,
+            keys=self.keys, values=self.values,
         )  # fmt: skip
         keep = self.policy.keep(state)
         if keep is not None:
             self.valid &= keep
             if not self.policy_keeps_heads_aligned:
                 self.uniform_heads = False
-        self.bound = min(self.bound, self.policy.size_bound(self.max_budget))
+        self.bound = self.policy.size_bound(self.max_budget, self.bound)
         # After a large eviction (typically the prefill), shrink the buffer to budget + 1 slots so that decode
         # steps read only what is kept; in steady state nothing moves.
         capacity = self.keys.shape[2]
@@ -306,6 +310,11 @@ class EvictionCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)
+
+    def extra_state_bytes(self) -> int:
+        """Bytes per sample of policy state held beside the slots, all layers (e.g. LESS's linear-attention state)."""
+        fn = getattr(self.policy, "extra_state_bytes", None)
+        return int(fn()) if fn is not None else 0
 
     def kv_bytes(self) -> int:
         """Bytes of key/value storage currently held (allocated buffers, all layers)."""

@@ -43,7 +43,8 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(cfg).eval().float()
 
 
-# A rule maps (kept positions, scores {pos: float}, tokens seen, step) -> positions to keep, for one layer and head.
+# A rule maps (kept positions, scores {pos: float}, tokens seen) -> positions to keep, for one layer and head.
+# A rule with state of its own (one per layer and head) sets the attribute `keyed` and also gets (layer, head).
 Rule = Callable[[set[int], dict[int, float], int], set[int]]
 
 
@@ -85,7 +86,10 @@ def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule) -> torch.
                         for i in visible[layer][h][j]:
                             scores[layer][h][i] = scores[layer][h].get(i, 0.0) + float(w[h, j, i])
                     stored = kept[layer][h] | set(new_rows)
-                    kept[layer][h] = rule(stored, scores[layer][h], t)
+                    if getattr(rule, "keyed", False):
+                        kept[layer][h] = rule(stored, scores[layer][h], t, (layer, h))
+                    else:
+                        kept[layer][h] = rule(stored, scores[layer][h], t)
                     if t < total:
                         visible[layer][h][t] = kept[layer][h] | {t}
     finally:
