@@ -43,8 +43,10 @@ SHAPES = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_model(shape: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
+def build_model(shape: str, dtype: torch.dtype, device: str, layers: int | None = None) -> LlamaForCausalLM:
     cfg = LlamaConfig(**SHAPES[shape], rope_theta=10000.0)
+    if layers:
+        cfg.num_hidden_layers = layers
     # Long contexts beyond the trained length are fine for timing: weights are random anyway.
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, 1 << 17)
     torch.manual_seed(0)
@@ -121,6 +123,17 @@ def stored_tokens(cache) -> float:
     return float(cache.stored_tokens().float().mean())
 
 
+def policy_params(policy: str, budget) -> dict[str, Any]:
+    """Constructor params for a grid point: full and buzz_paper have no budget (buzz_paper: its fixed sizes)."""
+    if policy in ("full", "buzz_paper") or budget is None:
+        return {}
+    return {"budget": budget}
+
+
+def budgets_for(policy: str, budgets: list) -> list:
+    return [None] if policy in ("full", "buzz_paper") else budgets
+
+
 def measure_point(model, prompt: int, batch: int, policy: str, budget, mode: str, steps: int, repeats: int,
                   device: torch.device) -> dict[str, Any]:  # fmt: skip
     """One grid point. mode: "graph" (our cache, CUDA-graph decode) or "eager" (transformers' DynamicCache for
@@ -135,7 +148,7 @@ def measure_point(model, prompt: int, batch: int, policy: str, budget, mode: str
     if policy == "full" and mode == "eager":
         cache = DynamicCache(config=model.config)  # transformers' own cache, for the baseline everyone uses
     else:
-        cache = make_cache(policy, model, **({} if policy == "full" else {"budget": budget}))
+        cache = make_cache(policy, model, **policy_params(policy, budget))
     with torch.inference_mode():
         with Timer(device) as t:
             logits = model(input_ids=ids, logits_to_keep=1, **{kw: cache}).logits
@@ -171,7 +184,7 @@ def measure_point(model, prompt: int, batch: int, policy: str, budget, mode: str
 
 def run_grid(args) -> dict[str, Any]:
     device = torch.device(args.device)
-    model = build_model(args.shape, DTYPES[args.dtype], args.device)
+    model = build_model(args.shape, DTYPES[args.dtype], args.device, args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = read_bandwidth(device)
     points: list[dict] = []
@@ -189,11 +202,14 @@ def run_grid(args) -> dict[str, Any]:
             free_memory()
         points.append(point)
         print(json.dumps(point), flush=True)
+        if args.points_file:  # one line per point as it is measured: a killed run loses nothing
+            with open(args.points_file, "a") as f:
+                f.write(json.dumps(point) + "\n")
         return point
 
     def measure_all(prompt: int, batch: int) -> None:
         for policy in policies:
-            for budget in [None] if policy == "full" else [float(b) for b in args.budgets.split(",")]:
+            for budget in budgets_for(policy, [float(b) for b in args.budgets.split(",")]):
                 for mode in modes if policy == "full" else [m for m in modes if m != "eager"] or modes:
                     measure(prompt, batch, policy, budget, mode)
 
@@ -214,7 +230,7 @@ def run_grid(args) -> dict[str, Any]:
             if fits:
                 policies_left = [p for p in policies if p != probe]
                 for policy in policies_left:
-                    for b in [None] if policy == "full" else [float(x) for x in args.budgets.split(",")]:
+                    for b in budgets_for(policy, [float(x) for x in args.budgets.split(",")]):
                         for mode in modes if policy == "full" else [modes[0]]:
                             measure(prompt, fits, policy, b, mode)
     return {
@@ -222,6 +238,94 @@ def run_grid(args) -> dict[str, Any]:
         "dtype": args.dtype, "weight_bytes": weight_bytes, "read_bandwidth_bytes_per_s": bandwidth,
         "decode_steps": args.decode_steps, "repeats": args.repeats, "points": points, "environment": environment(),
     }  # fmt: skip
+
+
+def stream_point(model, batch: int, policy: str, params: dict, total: int, prompt: int, every: int,
+                 device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+    """Stream `total` tokens (a `prompt`-token prefill, then teacher-forced decode steps) through one cache and
+    record, every `every` tokens, the stored tokens and the median decode ms/step of the last stretch.
+
+    Bounded policies keep one captured graph; the full cache reserves each stretch's slots and captures again, so
+    its step reads what it holds (its time grows with the context, as it would in any static-cache engine)."""
+    free_memory()
+    kw = cache_kwarg(model)
+    use_kvbench_attention(model)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, total), device=device)
+    cache = make_cache(policy, model, **params)
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        model(input_ids=ids[:, :prompt], logits_to_keep=1, **{kw: cache})
+        seen, step = prompt, None
+        while seen < total:
+            stretch = min(every, total - seen)
+            if policy == "full" or step is None:
+                cache.reserve(stretch if policy == "full" else 1)
+                step = GraphDecodeStep(model, cache, kw)
+            times, stored = [], []
+            for _ in range(stretch):
+                pos = torch.full((batch, 1), seen, device=device)
+                with Timer(device) as t:
+                    step(ids[:, seen : seen + 1], pos)
+                times.append(t.ms)
+                seen += 1
+            stored = stored_tokens(cache)
+            rows.append({"seen": seen, "stored_tokens": stored, "decode_ms": statistics.median(times[3:] or times),
+                         "kv_bytes": cache.kv_bytes()})  # fmt: skip
+    del cache, step
+    free_memory()
+    return rows
+
+
+def run_complexity(args) -> dict[str, Any]:
+    device = torch.device(args.device)
+    model = build_model(args.shape, DTYPES[args.dtype], args.device, args.layers)
+    curves = []
+    for batch in [int(b) for b in args.batches.split(",") if b != "max"]:
+        for policy in args.policies.split(","):
+            params = {} if policy in ("full", "buzz_paper") else {"budget": args.stream_budget}
+            t0 = time.perf_counter()
+            try:
+                rows, status = stream_point(model, batch, policy, params, args.stream_tokens, args.stream_prompt,
+                                            args.stream_every, device), "ok"  # fmt: skip
+            except torch.OutOfMemoryError:
+                rows, status = [], "oom"
+                free_memory()
+            curve = {"policy": policy, "batch": batch, "params": params, "status": status, "rows": rows,
+                     "fit": fit_growth(rows), "wall_s": time.perf_counter() - t0}  # fmt: skip
+            curves.append(curve)
+            print(json.dumps({k: v for k, v in curve.items() if k != "rows"}), flush=True)
+            if args.points_file:
+                with open(args.points_file, "a") as f:
+                    f.write(json.dumps(curve) + "\n")
+    return {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": args.shape,
+            "layers": args.layers, "dtype": args.dtype, "stream_tokens": args.stream_tokens,
+            "stream_prompt": args.stream_prompt, "curves": curves, "environment": environment()}  # fmt: skip
+
+
+def fit_growth(rows: list[dict]) -> dict[str, Any]:
+    """Least-squares fits of stored tokens and ms/step against log(n) and n (n = tokens seen): slope and R^2 of
+    each; "constant" when neither explains more than half the variance (a bounded cache)."""
+    import numpy as np
+
+    if len(rows) < 3:
+        return {}
+    n = np.array([r["seen"] for r in rows], dtype=float)
+    out: dict[str, Any] = {}
+    for key in ("stored_tokens", "decode_ms"):
+        y = np.array([r[key] for r in rows], dtype=float)
+        fits = {}
+        for name, x in (("log_n", np.log(n)), ("n", n)):
+            a = np.vstack([x, np.ones_like(x)]).T
+            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+            resid = y - a @ coef
+            var = float(((y - y.mean()) ** 2).sum())
+            fits[name] = {"slope": float(coef[0]), "r2": 1 - float((resid**2).sum()) / var if var > 0 else 0.0}
+        best = max(fits, key=lambda k: fits[k]["r2"])
+        fits["best"] = best if fits[best]["r2"] > 0.5 else "constant"
+        fits["mean"], fits["max"], fits["min"] = float(y.mean()), float(y.max()), float(y.min())
+        out[key] = fits
+    return out
 
 
 def summarize(result: dict, prompt: int = 16384, batch: int = 4, budget: float = 0.2) -> dict[str, Any]:
@@ -290,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompts", default="4096,8192,16384,32768")
     ap.add_argument("--batches", default="1,4,8,max")
-    ap.add_argument("--policies", default="full,window,streaming_llm,h2o,buzz")
+    ap.add_argument("--policies", default="full,window,streaming_llm,h2o,buzz,buzz_paper")
     ap.add_argument("--budgets", default="0.2,0.4")
     ap.add_argument("--modes", default="graph,eager", help="graph: CUDA-graph decode; eager: plain steps")
     ap.add_argument("--max-batch", type=int, default=256, help="upper limit of the largest-batch search")
@@ -298,13 +402,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="results/perf")
     ap.add_argument("--name", default=None, help="output file stem (default: the GPU name)")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
+    ap.add_argument("--complexity", action="store_true", help="stream tokens through each cache instead of the grid")
+    ap.add_argument("--stream-tokens", type=int, default=32768)
+    ap.add_argument("--stream-prompt", type=int, default=1024)
+    ap.add_argument("--stream-every", type=int, default=1024)
+    ap.add_argument("--stream-budget", type=int, default=564, help="tokens; buzz_paper's peak size by default")
     args = ap.parse_args(argv)
     if args.device == "cpu":
         args.modes = "eager"
-    result = run_grid(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or result["gpu"].replace(" ", "_").lower()
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    stem = args.name or gpu.replace(" ", "_").lower()
+    if args.complexity:
+        stem += ".complexity"
+    args.points_file = out / f"{stem}.points.jsonl"
+    if args.complexity:
+        result = run_complexity(args)
+        write_json_atomic(out / f"{stem}.json", result)
+        return result
+    result = run_grid(args)
     write_json_atomic(out / f"{stem}.json", result)
     (out / f"{stem}.md").write_text(markdown_table(result))
     write_json_atomic(out / f"{stem}.summary.json", summarize(result))
