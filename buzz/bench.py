@@ -335,7 +335,7 @@ def summarize(result: dict, prompt: int = 16384, batch: int = 4, budget: float =
         for p in result["points"]:
             if (
                 (p["prompt"], p["batch"], p["policy"]) == (prompt, batch, policy)
-                and (policy == "full" or p["budget"] == budget)
+                and (p["budget"] is None or p["budget"] == budget)
                 and (mode is None or p["mode"] == mode)
             ):
                 return p

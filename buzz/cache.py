@@ -283,6 +283,13 @@ class EvictionLayer(CacheLayerMixin):
         if free < tokens:
             self._grow(tokens - free)
 
+    def replayed(self, q: int = 1) -> None:
+        """Host-side bookkeeping of a step that ran as a CUDA-graph replay (its Python did not run): what write()
+        and evict() would have done to the counters, so get_seq_length() and reserve() stay right."""
+        self.bound = self.policy.size_bound(self.max_budget, self.bound + q)
+        self.seen_columns += q
+        self.step += 1
+
     @property
     def policy_keeps_heads_aligned(self) -> bool:
         return not getattr(self.policy, "per_head", False)
@@ -311,9 +318,23 @@ class EvictionCache(Cache):
             if layer.is_initialized:
                 layer.reserve(tokens)
 
+    def free_slots(self) -> int:
+        """Slots a step can still write without reallocating (host-side bound; no sync)."""
+        return min((layer.keys.shape[2] - layer.bound for layer in self.layers if layer.is_initialized), default=0)
+
+    def replayed(self, q: int = 1) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.replayed(q)
+
     def extra_state_bytes(self) -> int:
         """Bytes per sample of policy state held beside the slots, all layers (e.g. LESS's linear-attention state)."""
         fn = getattr(self.policy, "extra_state_bytes", None)
+        return int(fn()) if fn is not None else 0
+
+    def extra_bytes_per_token(self) -> int:
+        """Bytes of policy-owned per-slot data (beyond keys and values) per stored token, all layers."""
+        fn = getattr(self.policy, "extra_bytes_per_token", None)
         return int(fn()) if fn is not None else 0
 
     def kv_bytes(self) -> int:

@@ -46,8 +46,13 @@ class GraphDecodeStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward(self.ids, self.pos)
+            self.graph.replay()  # capture recorded the step without running it; the Python above did its bookkeeping
         else:
+            if hasattr(self.cache, "free_slots") and self.cache.free_slots() < ids.shape[1]:
+                raise RuntimeError("the cache has no free slot for this replayed step: call cache.reserve() first")
             self.ids.copy_(ids)
             self.pos.copy_(pos)
-        self.graph.replay()
+            self.graph.replay()
+            if hasattr(self.cache, "replayed"):
+                self.cache.replayed(ids.shape[1])
         return self.logits

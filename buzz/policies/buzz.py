@@ -105,11 +105,14 @@ class Buzz(Policy):
         samples = old_kept | new_kept
         new_rank = torch.where(old_kept, rank // h, n_old_kept + segment)
         if self.bounded:  # thin the combined samples until they fit the threshold (see the module docstring)
+            # Passes j: the least with ceil(n / step^j) <= threshold, i.e. n <= threshold * step^j (nested ceilings
+            # of integer divisions compose). Closed form from a float log, then an exact integer correction.
             step = max(h, 2)
-            n, passes = n_old_kept + n_new, torch.zeros_like(n_new)
-            for _ in range(max(1, math.ceil(math.log(max(c, 2), step)) + 1)):
-                passes += (n > threshold).long()
-                n = (n + step - 1) // step
+            n = n_old_kept + n_new
+            ratio = n.double() / threshold.clamp_min(1).double()
+            passes = (ratio.log() / math.log(step)).ceil().clamp_min(0).long()
+            passes -= ((passes > 0) & (n <= threshold * torch.full_like(passes, step).pow(passes - 1))).long()
+            passes += (n > threshold * torch.full_like(passes, step).pow(passes)).long()
             factor = torch.full_like(passes, step).pow(passes)
             samples &= (new_rank % factor == 0) & (threshold >= 1)
             new_rank = new_rank // factor
