@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from buzz.tasks.base import DataSource, Sample, Task
+from buzz.tasks.passkey import Passkey
 from buzz.tasks.qa10 import QA10
 from buzz.tasks.summarization import CNNDailyMail, XSum
 from buzz.tasks.wikitext import Wikitext
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (XSum, CNNDailyMail, Wikitext, QA10)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (XSum, CNNDailyMail, Wikitext, QA10, Passkey)}
 TASK_NAMES = tuple(TASKS)
 
 
