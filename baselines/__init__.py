@@ -1,3 +1,4 @@
 """Baseline eviction policies; each module registers one policy with `buzz.cache.register_policy`."""
 
-from baselines import full, h2o, streaming_llm, window  # noqa: F401
+import baselines.less  # noqa: F401  (LESS)
+from baselines import cascading, full, h2o, streaming_llm, window  # noqa: F401

@@ -80,16 +80,20 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         )
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
+    mix = getattr(layer.policy, "mix_attention", None)
+    if mix is not None and not empty:
+        # A policy with state beside the slots (LESS): exact softmax over the slots, then the policy folds in its
+        # own part through the softmax's log-sum-exp, before this forward's eviction updates that state.
+        out, lse = _scored_attention(layer, query, _slot_mask(layer, pos_new, real_new), real_new, scaling, True)
+        out = mix(layer, query, out, lse, module=module)
+        layer.evict(slots)
+        return out, None
     if q == 1 and attention_mask is None and USE_FUSED_DECODE and fused_decode_available(query):
         # Decode step: every stored slot is older than the query, so validity is the whole mask.
         out = decode_attention(query, layer.keys, layer.values, layer.valid, scaling, layer.score)
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
-    heads = 1 if layer.uniform_heads else layer.keys.shape[1]
-    # Slot j is visible to query i if it is valid and not in i's future. Fully masked rows only occur for
-    # padding queries; let those see every slot (their outputs are never used) to keep softmax finite.
-    mask = layer.valid[:, :heads, None, :] & (layer.pos[:, :heads, None, :] <= pos_new[:, None, :, None])
-    mask = mask | ~real_new[:, None, :, None]
+    mask = _slot_mask(layer, pos_new, real_new)
     if layer.score is not None:
         if empty and attention_mask is None and q > 1 and USE_FUSED_PREFILL and fused_prefill_available(query):
             out, sums = causal_attention_with_column_sums(query, key, value, scaling)
@@ -101,6 +105,14 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         out = _masked_sdpa(query, layer.keys, layer.values, mask, scaling)
     layer.evict(slots)
     return out, None
+
+
+def _slot_mask(layer, pos_new, real_new):
+    heads = 1 if layer.uniform_heads else layer.keys.shape[1]
+    # Slot j is visible to query i if it is valid and not in i's future. Fully masked rows only occur for
+    # padding queries; let those see every slot (their outputs are never used) to keep softmax finite.
+    mask = layer.valid[:, :heads, None, :] & (layer.pos[:, :heads, None, :] <= pos_new[:, None, :, None])
+    return mask | ~real_new[:, None, :, None]
 
 
 def _masked_sdpa(query, keys, values, mask, scaling):
@@ -117,9 +129,10 @@ def _masked_sdpa(query, keys, values, mask, scaling):
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 
 
-def _scored_attention(layer, query, mask, real_new, scaling):
+def _scored_attention(layer, query, mask, real_new, scaling, with_lse=False):
     """Attention that also adds, per KV head, the attention each slot receives (summed over the group's query
-    heads and the real query rows) to the layer's float32 scores."""
+    heads and the real query rows) to the layer's float32 scores (when it keeps scores). With `with_lse`, also
+    returns the float32 log-sum-exp of each query row's logits over its visible slots, (B, Hq, q)."""
     b, hq, q, d = query.shape
     keys, values = layer.keys, layer.values
     hkv, c = keys.shape[1], keys.shape[2]
@@ -127,17 +140,22 @@ def _scored_attention(layer, query, mask, real_new, scaling):
     scale = scaling if scaling is not None else d**-0.5
     qg = query.view(b, hkv, g, q, d)
     block = max(1, SCORE_BLOCK_BYTES.get(query.device.type, 2**28) // max(1, b * hq * c * 4))
-    outs = []
+    outs, lses = [], []
     for start in range(0, q, block):
         stop = min(q, start + block)
         logits = torch.einsum("bhgqd,bhcd->bhgqc", qg[:, :, :, start:stop], keys).float() * scale
         m = mask[:, :, None, start:stop]
-        probs = logits.masked_fill(~m, float("-inf")).softmax(-1)
+        logits = logits.masked_fill(~m, float("-inf"))
+        probs = logits.softmax(-1)
         outs.append(torch.einsum("bhgqc,bhcd->bhgqd", probs.to(values.dtype), values))
-        rows = real_new[:, None, None, start:stop, None].to(probs.dtype)
-        layer.score += (probs * rows).sum(dim=(2, 3))
+        if with_lse:
+            lses.append(logits.logsumexp(-1))
+        if layer.score is not None:
+            rows = real_new[:, None, None, start:stop, None].to(probs.dtype)
+            layer.score += (probs * rows).sum(dim=(2, 3))
     out = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
-    return out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
+    out = out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
+    return (out, torch.cat(lses, 3).reshape(b, hq, q)) if with_lse else out
 
 
 def register() -> None:
