@@ -63,6 +63,7 @@ def _compose(overrides: list[str]):
             if OmegaConf.select(base, key, default="__missing__") == "__missing__":
                 if head in GROUPS and head in base:
                     allowed = ", ".join(str(k) for k in base[head].keys())
-                    raise ConfigError(f"{key} is not a key of {head}={base[head].get('name')}; allowed: {allowed}") from None
+                    option = base[head].get("name")
+                    raise ConfigError(f"{key} is not a key of {head}={option}; allowed: {allowed}") from None
                 raise ConfigError(f"unknown key {key!r}; allowed: {', '.join(str(k) for k in base.keys())}") from None
         raise ConfigError(str(e).splitlines()[0]) from None

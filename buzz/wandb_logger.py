@@ -9,9 +9,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+LOGGER_NAMES = ("none", "wandb")
+LOGGER_MODES = ("online", "offline", "disabled", "shared")
+
 
 def _warn(msg: str) -> None:
     print(f"[kvbench] {msg}", file=sys.stderr)
+
+
+def validate_logger_cfg(cfg: Mapping) -> None:
+    """Cheap checks of a logger config; raises ValueError with one line naming the bad value."""
+    if cfg.get("name") not in LOGGER_NAMES:
+        raise ValueError(f"logger={cfg.get('name')} is unknown; allowed: {', '.join(LOGGER_NAMES)}")
+    if cfg.get("mode", "offline") not in LOGGER_MODES:
+        raise ValueError(f"logger.mode={cfg.get('mode')} is invalid; allowed: {', '.join(LOGGER_MODES)}")
 
 
 class RunLogger:

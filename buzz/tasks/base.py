@@ -53,10 +53,13 @@ class Task:
     def check(self) -> None:
         """Validate values (one-line ValueError)."""
 
-    def positive_int(self, key: str) -> int:
+    def positive_int(self, key: str, optional: bool = False) -> int | None:
         value = self.cfg[key]
+        if optional and value is None:
+            return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"task.{key}={value!r} is invalid; allowed: an int >= 1")
+            allowed = "an int >= 1 or null" if optional else "an int >= 1"
+            raise ValueError(f"task.{key}={value!r} is invalid; allowed: {allowed}")
         return value
 
     @property

@@ -37,6 +37,7 @@ class QA10(Task):
 
     def check(self) -> None:
         self.positive_int("max_new_tokens")
+        self.positive_int("max_prompt_tokens", optional=True)
         if self.cfg["gold_position"] not in GOLD_POSITIONS:
             raise ValueError(
                 f"task.gold_position={self.cfg['gold_position']} is invalid; allowed: "
@@ -75,14 +76,16 @@ class QA10(Task):
                 break
         return samples, source
 
-    def build_prompt(self, sample: Sample) -> str:
+    def build_prompt(self, sample: Sample, tokenizer=None) -> str:
+        """The benchmark prompt; with a tokenizer, each document is cut to `max_prompt_tokens` tokens."""
+        cut = (lambda text: self.truncate(text, tokenizer)) if tokenizer is not None else (lambda text: text)
         docs = "\n".join(
-            f"Document [{i + 1}](Title: {c['title']}) {c['text']}" for i, c in enumerate(sample.meta["ctxs"])
+            f"Document [{i + 1}](Title: {c['title']}) {cut(c['text'])}" for i, c in enumerate(sample.meta["ctxs"])
         )
         return self.cfg["prompt"].format(search_results=docs, question=sample.text)
 
     def encode(self, sample: Sample, tokenizer) -> list[int]:
-        return self.chat_or_plain(self.build_prompt(sample), tokenizer)
+        return self.chat_or_plain(self.build_prompt(sample, tokenizer), tokenizer)
 
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
         return {"accuracy": best_subspan_em(prediction, sample.reference)}

@@ -20,6 +20,7 @@ class Summarization(Task):
 
     def check(self) -> None:
         self.positive_int("max_new_tokens")
+        self.positive_int("max_prompt_tokens", optional=True)
         if self.cfg["rouge"] not in ROUGE_IMPLS:
             raise ValueError(f"task.rouge={self.cfg['rouge']} is invalid; allowed: {', '.join(ROUGE_IMPLS)}")
         if "{document}" not in str(self.cfg["prompt"]):
