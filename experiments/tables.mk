@@ -1,0 +1,57 @@
+# Paper tables from run records (buzz/tables.py; one definition per table in experiments/<name>.yaml).
+#
+#   make tables                      # run every table's jobs (finished ones are skipped), then render
+#   make table-summarization         # CNN/DM + XSUM ROUGE per policy x budget, plus full
+#   make table-qa                    # 10-document QA accuracy, gold at 0, 4, 9
+#   make table-ppl                   # Wikitext perplexity through the cache
+#   make table-memory                # stored KV tokens/bytes and latency of the summarization runs
+#   make tables-render               # rebuild every table and plot from stored records only (runs nothing)
+#
+# Knobs: MODEL=<configs/model name> (default: the profile's, smollm2-135m), PROFILE=default|paper (paper:
+# llama2-7b-chat and the paper's sample counts), LIMIT=<samples per job, or null for all>, DEVICE=auto|cpu|cuda,
+# POLICIES=window,h2o,... BUDGETS=0.2,0.5 (default: the table's; render shows every policy/budget found unless
+# given), OUTPUT=<root> (runs in $(OUTPUT)/runs, tables in $(OUTPUT)/; default results), RUNS=<records root to
+# use instead of $(OUTPUT)/runs>, LOGGER=none|wandb, RUN_ARGS='<more run.py overrides>'.
+# Example: make table-summarization MODEL=tiny-llama LIMIT=2 POLICIES=window,h2o BUDGETS=0.5 OUTPUT=/tmp/tables
+
+MODEL ?=
+PROFILE ?= default
+LIMIT ?=
+DEVICE ?=
+POLICIES ?=
+BUDGETS ?=
+OUTPUT ?= results
+RUNS ?=
+LOGGER ?= none
+RUN_ARGS ?=
+
+TABLES_PY = $(PY) -m buzz.tables
+_TABLE_SEL = --output $(OUTPUT) $(if $(RUNS),--runs-dir $(RUNS)) --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) \
+	$(if $(POLICIES),--policies $(POLICIES)) $(if $(BUDGETS),--budgets $(BUDGETS))
+_TABLE_RUN = $(_TABLE_SEL) $(if $(LIMIT),--limit $(LIMIT)) $(if $(DEVICE),--device $(DEVICE)) --logger $(LOGGER) \
+	$(if $(RUN_ARGS),--extra '$(RUN_ARGS)')
+
+.PHONY: tables tables-render table-summarization table-qa table-ppl table-memory tables-dry-run
+
+table-summarization: $(STAMP)
+	$(TABLES_PY) run summarization $(_TABLE_RUN)
+
+table-qa: $(STAMP)
+	$(TABLES_PY) run qa $(_TABLE_RUN)
+
+table-ppl: $(STAMP)
+	$(TABLES_PY) run ppl $(_TABLE_RUN)
+
+table-memory: $(STAMP)
+	$(TABLES_PY) run memory $(_TABLE_RUN)
+
+tables: $(STAMP)
+	$(TABLES_PY) run all $(_TABLE_RUN)
+
+## Every table, plot and results/README.md from the stored records; no model runs.
+tables-render:
+	$(TABLES_PY) render all $(_TABLE_SEL)
+
+## The run.py commands `make tables` would run, without running them.
+tables-dry-run:
+	$(TABLES_PY) run all $(_TABLE_RUN) --dry-run
