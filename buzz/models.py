@@ -3,12 +3,13 @@ Llama for tests, and Hugging Face Hub models for users with a GPU and internet."
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,117 @@ def validate_model_cfg(cfg: Mapping) -> None:
         )
     if cfg["source"] == "gguf" and not (cfg.get("gguf_package") and cfg.get("gguf_file")):
         raise ValueError("model.gguf_package and model.gguf_file are required for source=gguf")
+    check_device_map(cfg["device_map"])
+
+
+DEVICE_MAP_MODES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_ALLOWED = (
+    "null, auto, balanced, balanced_low_0, sequential, a list of devices (one per decoder layer), or a mapping "
+    "module name -> device; devices: a GPU index, cuda:N or cpu"
+)
+
+
+def _is_device(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, str) and (value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()))
+
+
+def check_device_map(value: Any) -> None:
+    """model.device_map: null (the whole model on `device`), an accelerate mode, a list of devices one per decoder
+    layer, or a {module name: device} mapping. Raises ValueError with one line naming the bad value."""
+    if value is None or value in DEVICE_MAP_MODES:
+        return
+    if isinstance(value, Mapping):
+        ok = bool(value) and all(isinstance(k, str) and _is_device(v) for k, v in value.items())
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        ok = bool(value) and all(_is_device(v) for v in value)
+    else:
+        ok = False
+    if not ok:
+        from omegaconf import OmegaConf
+
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        raise ValueError(f"model.device_map={shown!r} is invalid; allowed: {DEVICE_MAP_ALLOWED}")
+
+
+def _device_key(value: Any) -> int | str:
+    """accelerate's form of a device: a GPU index, or cpu."""
+    if isinstance(value, str) and value.startswith("cuda"):
+        return int(value[5:] or 0)
+    return value
+
+
+def layer_device_map(config, layer_devices: Sequence) -> dict[str, int | str]:
+    """A Llama-style {module: device} map from one device per decoder layer: the embeddings (and rotary tables) go
+    with the first layer, the final norm and the head with the last (the head with the embeddings when tied)."""
+    n = config.get_text_config().num_hidden_layers
+    if len(layer_devices) != n:
+        raise ValueError(f"model.device_map has {len(layer_devices)} devices; allowed: one per decoder layer ({n})")
+    devs = [_device_key(d) for d in layer_devices]
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    return {
+        "model.embed_tokens": devs[0], "model.rotary_emb": devs[0],
+        **{f"model.layers.{i}": d for i, d in enumerate(devs)},
+        "model.norm": devs[-1], "lm_head": devs[0] if tied else devs[-1],
+    }  # fmt: skip
+
+
+def resolve_device_map(value: Any, config) -> str | dict[str, int | str]:
+    """The device_map to hand to transformers or accelerate (validated; lists expanded; cuda:N as N)."""
+    check_device_map(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _device_key(v) for k, v in value.items()}
+    return layer_device_map(config, list(value))
+
+
+def dispatch(model, device_map: str | Mapping):
+    """Place a model built in memory (tiny, or a random model of a real shape) by a device_map with accelerate: the
+    same hooks as from_pretrained(device_map=...), which move each block's inputs to its device."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = model._no_split_modules
+        low_zero = device_map == "balanced_low_0"
+        memory = None if device_map == "sequential" else get_balanced_memory(model, None, no_split, low_zero=low_zero)
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    device_map = dict(device_map)
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    model = dispatch_model(model, device_map=device_map, skip_keys=skip, force_hooks=True)
+    model.hf_device_map = device_map
+    return model
+
+
+def is_split(model) -> bool:
+    """Whether the model's weights live on more than one device."""
+    return len({p.device for p in model.parameters()}) > 1
+
+
+def follow_devices(model) -> None:
+    """While a dispatched block whose weights are on a GPU runs, make that GPU the current CUDA device. Triton kernels
+    (buzz.kernels) launch on the current device, not on their tensors', so a split model needs this."""
+    for name, dev in (getattr(model, "hf_device_map", None) or {}).items():
+        if isinstance(dev, str) and dev.startswith("cuda"):
+            dev = int(dev[5:] or 0)
+        if isinstance(dev, int) and not isinstance(dev, bool):
+            module = model.get_submodule(name)
+            if not getattr(module, "_kvbench_follows_device", False):
+                module.forward = _on_device(module.forward, dev)
+                module._kvbench_follows_device = True
+
+
+def _on_device(forward, index: int):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with torch.cuda.device(index):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def _cache_root(cfg: Mapping) -> Path:
@@ -120,25 +232,30 @@ def tiny_llama(cfg: Mapping, vocab_size: int):
 
 
 def load_model(cfg: Mapping, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for a model config, in eval mode on `device` (unless a device_map places it)."""
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer) for a model config, in eval mode on `device`, or placed by model.device_map when set (then
+    `device` is not used: the inputs go to the first block's device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     validate_model_cfg(cfg)
     dtype = DTYPES[cfg["dtype"]]
     tok = load_tokenizer(cfg)
     device_map = cfg.get("device_map")
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg["attn_implementation"]}
-    if device_map is not None:
-        kwargs["device_map"] = dict(device_map) if isinstance(device_map, Mapping) else device_map
+    remote = cfg.get("trust_remote_code", False)
     if cfg["source"] == "tiny":
         model = tiny_llama(cfg, len(tok)).to(dtype if dtype != "auto" else torch.float32)
         model.set_attn_implementation(cfg["attn_implementation"])
-    elif cfg["source"] == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(_convert_once(cfg, "model"), **kwargs)
+        if device_map is not None:
+            model = dispatch(model, resolve_device_map(device_map, model.config))
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg["repo_id"], trust_remote_code=cfg.get("trust_remote_code", False), **kwargs
-        )
+        where = _convert_once(cfg, "model") if cfg["source"] == "gguf" else cfg["repo_id"]
+        if device_map is not None:
+            per_layer = isinstance(device_map, Sequence) and not isinstance(device_map, str)
+            config = AutoConfig.from_pretrained(where, trust_remote_code=remote) if per_layer else None
+            kwargs["device_map"] = resolve_device_map(device_map, config)
+        model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=remote, **kwargs)
     if device_map is None:
         model = model.to(device)
+    else:
+        follow_devices(model)
     return model.eval(), tok
