@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 ARGS ?=
 STAMP := .venv/.stamp
 
-.PHONY: setup run test lint format check bench wheelhouse clean
+.PHONY: setup run test lint format check bench bench-report train-less wheelhouse clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ check: lint test
 ## Decode benchmark on a GPU (random Llama-2-7B-shape model): results/perf/
 bench: $(STAMP)
 	$(PY) -m buzz.bench $(ARGS)
+
+## Merge benchmark outputs into results/perf (tables, summary.json, plots): make bench-report ARGS="--grid a.json ..."
+bench-report: $(STAMP)
+	$(PY) -m buzz.perf_report $(ARGS)
+
+## Train LESS kernels for cache=less: make train-less ARGS="model=smollm2-135m base=h2o budget=0.1 steps=300"
+train-less: $(STAMP)
+	$(PY) -m buzz.less_train $(ARGS)
 
 ## Wheels for an offline GPU machine that has torch and transformers: .whl/
 wheelhouse:

@@ -156,8 +156,8 @@ def measure_point(model, prompt: int, batch: int, policy: str, budget, mode: str
         token = logits[:, -1].argmax(-1, keepdim=True)
         pos = torch.full((batch, 1), prompt, device=device)
         total_steps = 2 + 1 + steps * repeats  # warm-up, capture, timed
-        if policy == "full" and mode == "graph":
-            cache.reserve(total_steps)
+        if mode == "graph" and hasattr(cache, "reserve_steps"):
+            cache.reserve_steps(total_steps)
         step = GraphDecodeStep(model, cache, kw) if mode == "graph" else None
         per_step = []
         for i in range(total_steps):
@@ -260,7 +260,7 @@ def stream_point(model, batch: int, policy: str, params: dict, total: int, promp
         while seen < total:
             stretch = min(every, total - seen)
             if policy == "full" or step is None:
-                cache.reserve(stretch if policy == "full" else 1)
+                cache.reserve_steps(stretch)
                 step = GraphDecodeStep(model, cache, kw)
             times, stored = [], []
             for _ in range(stretch):

@@ -149,6 +149,7 @@ class EvictionLayer(CacheLayerMixin):
         self.seen_columns = 0  # tokens seen, pads included (what transformers calls the sequence length)
         self.step = 0
         self.bound = 0  # host-side upper bound of valid slots per head, to size the buffer without syncs
+        self.min_capacity = 0  # slots promised by reserve(): compaction never shrinks below them
         self.max_budget = UNBOUNDED
         self.uniform_heads = True  # all heads keep the same slots (until a per-head policy evicts)
         self._pending_kv: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -193,7 +194,7 @@ class EvictionLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = None
-        self.seen_columns = self.step = self.bound = 0
+        self.seen_columns = self.step = self.bound = self.min_capacity = 0
         self.uniform_heads = True
         self._pending_kv = None
 
@@ -274,14 +275,29 @@ class EvictionLayer(CacheLayerMixin):
         # After a large eviction (typically the prefill), shrink the buffer to budget + 1 slots so that decode
         # steps read only what is kept; in steady state nothing moves.
         capacity = self.keys.shape[2]
-        if self.bound < UNBOUNDED and capacity > self.bound + 1 + max(64, self.bound // 8):
-            self._compact(self.bound + 1)
+        target = max(self.bound + 1, self.min_capacity)
+        if self.bound < UNBOUNDED and capacity > target + max(64, self.bound // 8):
+            self._compact(target)
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` more tokens now, so later steps never reallocate (CUDA-graph capture)."""
         free = self.keys.shape[2] - self.bound
         if free < tokens:
             self._grow(tokens - free)
+        self.min_capacity = self.bound + tokens
+
+    def reserve_steps(self, steps: int) -> None:
+        """Reserve what `steps` one-token forwards can need at most: the host-side size bound is replayed step by
+        step (a cache still below its budget grows; a bounded one needs budget + 1 slots), so the buffer never has
+        to grow while the steps run as CUDA-graph replays."""
+        bound, need = self.bound, self.bound
+        for _ in range(steps):
+            need = max(need, bound + 1)
+            nxt = self.policy.size_bound(self.max_budget, bound + 1)
+            if nxt == bound:  # steady state: every later step needs the same
+                break
+            bound = nxt
+        self.reserve(need - self.bound)
 
     def replayed(self, q: int = 1) -> None:
         """Host-side bookkeeping of a step that ran as a CUDA-graph replay (its Python did not run): what write()
@@ -317,6 +333,11 @@ class EvictionCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 layer.reserve(tokens)
+
+    def reserve_steps(self, steps: int) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reserve_steps(steps)
 
     def free_slots(self) -> int:
         """Slots a step can still write without reallocating (host-side bound; no sync)."""

@@ -24,7 +24,7 @@ from buzz.records import RunRecords, config_hash, environment
 
 REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL_KEYS = {"model", "cache", "task", "logger", "seed", "device", "batch_size", "limit", "data_dir"}
-TOP_LEVEL_KEYS |= {"output_dir", "progress"}
+TOP_LEVEL_KEYS |= {"output_dir", "progress", "cuda_graphs"}
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs every scorer it builds
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
@@ -41,27 +41,38 @@ def validate(cfg: DictConfig) -> None:
     """Check every part of a composed config without loading anything heavy. Raises ConfigError (one line)."""
     from buzz.models import validate_model_cfg
     from buzz.tasks import build_task
+    from buzz.wandb_logger import validate_logger_cfg
 
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size!r} is invalid; allowed: an int >= 1")
-    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+    if cfg.limit is not None and (not _is_int(cfg.limit) or cfg.limit < 1):
         raise ConfigError(f"limit={cfg.limit!r} is invalid; allowed: an int >= 1 or null")
+    if not _is_int(cfg.seed):
+        raise ConfigError(f"seed={cfg.seed!r} is invalid; allowed: an int")
+    if cfg.get("cuda_graphs", "auto") not in ("auto", True, False):
+        raise ConfigError(f"cuda_graphs={cfg.cuda_graphs!r} is invalid; allowed: auto, true, false")
     if cfg.progress not in ("auto", True, False):
         raise ConfigError(f"progress={cfg.progress!r} is invalid; allowed: auto, true, false")
     dev = str(cfg.device)
-    if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device={dev!r} is invalid; allowed: auto, cpu, cuda, cuda:N")
+    resolve_data_dir(cfg.data_dir)
     try:
         validate_model_cfg(cfg.model)
         build_task(cfg.task)
         cache_policy(cfg.cache)
+        validate_logger_cfg(cfg.logger)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cache_params(cache_cfg: DictConfig) -> dict[str, Any]:
@@ -144,10 +155,47 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def prefill_forwards(model, cache: EvictionCache, kw: str, ids, mask, pos) -> Iterator[torch.Tensor]:
+    """Prefill a left-padded batch; yields the logits of the last column (B, 1, vocab) after each forward. One forward,
+    unless the policy has a `prefill_stride`: then forwards of that many tokens, the first one shorter, so that they
+    end at the prompt's end and every sample's real tokens are cut where they would be if it ran alone."""
+    width = ids.shape[1]
+    stride = getattr(cache.policy, "prefill_stride", None) or width
+    if stride < width:  # the core resolves a fractional budget at the first forward: give it the whole prompt
+        cache.policy.prompt_tokens = mask.sum(-1)
+    bounds = [0, *range(width % stride or stride, width + 1, stride)]
+    for a, b in zip(bounds, bounds[1:]):
+        # Without padding, no mask: the cache then takes the flash (is_causal) path for the prefill.
+        m = None if bool(mask[:, :b].all()) else mask[:, :b]
+        p = None if pos is None else pos[:, a:b]
+        yield model(input_ids=ids[:, a:b], attention_mask=m, position_ids=p, logits_to_keep=1, **{kw: cache}).logits
+
+
+# Policies whose decode step is verified equal as a CUDA-graph replay and eagerly (scripts/gpu_check.py).
+GRAPH_SAFE_POLICIES = {"full", "window", "streaming_llm", "h2o", "buzz", "buzz_paper", "cascading"}
+
+
+def use_cuda_graphs(setting: Any, device: torch.device, policy: str) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and policy in GRAPH_SAFE_POLICIES
+    return bool(setting) and device.type == "cuda"
+
+
+def decode_stepper(model, cache: EvictionCache, kw: str, graphs: bool, steps: int):
+    """`step(ids (B, 1), pos (B, 1)) -> logits (B, vocab)`: a CUDA-graph replay when `graphs` (the whole step, eviction
+    included, launched at once; the logits buffer is reused, so read it before the next step), else eager."""
+    if graphs:
+        from buzz.graphs import GraphDecodeStep
+
+        cache.reserve_steps(steps)  # a growing cache needs its slots before capture
+        return GraphDecodeStep(model, cache, kw)
+    return lambda ids, pos: model(input_ids=ids, position_ids=pos, **{kw: cache}).logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_greedy(
     model, prompts: Sequence[Sequence[int]], cache: EvictionCache, max_new_tokens: int, eos_ids: set[int],
-    pad_id: int, progress: bool = False,
+    pad_id: int, progress: bool = False, graphs: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Greedy decoding of a left-padded batch through `cache`. Per sample: new token ids, stored-token trace
     (after each forward), and the batch's timings."""
@@ -158,22 +206,20 @@ def generate_greedy(
     eos = torch.tensor(sorted(eos_ids), device=device)
     _sync(device)
     t0 = time.perf_counter()
-    # Without padding, no mask: the cache then takes the flash (is_causal) path for the prefill.
-    prefill_mask = None if bool(mask.all()) else mask
-    logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=pos, logits_to_keep=1, **{kw: cache}).logits
+    *_, logits = prefill_forwards(model, cache, kw, ids, mask, pos)
     token = logits[:, -1].argmax(-1)
     stored = [cache.stored_tokens()]
     _sync(device)
     t_first = time.perf_counter()
     tokens = [token]
     done = torch.isin(token, eos)
+    step = decode_stepper(model, cache, kw, graphs, max_new_tokens)
     for _ in tqdm(range(max_new_tokens - 1), desc="tokens", leave=False, disable=not progress):
         if bool(done.all()):
             break
         # Decode tokens are never padding, and padded slots are already invalid in the cache: no mask needed.
         pos = pos[:, -1:] + 1
-        logits = model(input_ids=token[:, None], position_ids=pos, **{kw: cache}).logits
-        token = torch.where(done, pad_id, logits[:, -1].argmax(-1))
+        token = torch.where(done, pad_id, step(token[:, None], pos).argmax(-1))
         tokens.append(token)
         stored.append(cache.stored_tokens())
         done |= torch.isin(token, eos)
@@ -188,7 +234,8 @@ def generate_greedy(
     for i, row in enumerate(out_tokens):
         n = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
         results.append({
-            "new_tokens": row[:n], "stored_trace": trace[i][: n + 1] if n < len(row) else trace[i],
+            # n forwards made this sample's tokens; later ones only fed its EOS and padding while the batch ran on.
+            "new_tokens": row[:n], "stored_trace": trace[i][:n],
             "prefill_ms": prefill_ms, "decode_ms_per_step": decode_ms, "batch_tokens_per_s": len(prompts) * steps
             / max(t_end - t_first, 1e-9), "batch_size": len(prompts),
         })  # fmt: skip
@@ -197,7 +244,7 @@ def generate_greedy(
 
 @torch.inference_mode()
 def stream_nll(
-    model, streams: torch.Tensor, prefix: int, cache: EvictionCache, progress: bool = False
+    model, streams: torch.Tensor, prefix: int, cache: EvictionCache, progress: bool = False, graphs: bool = False
 ) -> list[dict[str, Any]]:
     """Teacher-forced negative log-likelihood of each stream's tokens after the first `prefix`, fed one at a time
     through the cache (a single full-window forward would never evict)."""
@@ -210,14 +257,17 @@ def stream_nll(
     nll = torch.zeros(b, dtype=torch.float64, device=device)
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=streams[:, :prefix], logits_to_keep=1, **{kw: cache}).logits[:, -1]
+    prompt = streams[:, :prefix]
+    *_, logits = prefill_forwards(model, cache, kw, prompt, torch.ones_like(prompt), None)
+    logits = logits[:, -1]
     stored = [cache.stored_tokens()]
     _sync(device)
     t_first = time.perf_counter()
+    step = decode_stepper(model, cache, kw, graphs, n - prefix)
     for t in tqdm(range(prefix, n), desc="tokens", leave=False, disable=not progress):
         nll += token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
         if t + 1 < n:
-            logits = model(input_ids=streams[:, t : t + 1], **{kw: cache}).logits[:, -1]
+            logits = step(streams[:, t : t + 1], torch.full((b, 1), t, device=device))
             stored.append(cache.stored_tokens())
     _sync(device)
     t_end = time.perf_counter()
@@ -246,25 +296,36 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "cuda":  # summed over the GPUs (a model split by model.device_map uses several)
+        return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
     # CPU: the process's peak resident set (Linux reports KiB).
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def peak_memory_bytes_per_device(device: torch.device) -> dict[str, int] | None:
+    """{"cuda:0": bytes, "cuda:1": ...} where this process sees several GPUs, else None."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return None
+    return {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count())}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configured job to completion (resuming finished samples) and return its summary."""
-    from buzz.models import load_model, resolve_device
+    from buzz.models import is_split, load_model, resolve_device
     from buzz.tasks import build_task
     from buzz.wandb_logger import RunLogger
 
     validate(cfg)
     task = build_task(cfg.task)
     data_dir = resolve_data_dir(cfg.data_dir)
-    samples, source = task.load(data_dir, cfg.limit)
+    try:
+        samples, source = task.load(data_dir, cfg.limit)
+    except ValueError as e:  # a missing data file: the task's one-line message names it and what to set
+        raise ConfigError(str(e).splitlines()[0]) from e
     if not samples:
         raise ConfigError(f"task={cfg.task.name} has no samples in {source.location}")
-    run_dir = run_dir_for(cfg, source.origin)
+    # Synthetic rows get their own run directory: a real data file added later must not resume synthetic results.
+    run_dir = run_dir_for(cfg, source.origin + (":synthetic" if source.synthetic else ""))
     records = RunRecords(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     records.write_json("config.json", resolved)
@@ -282,7 +343,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, str(device))
         device = next(model.parameters()).device
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
         per_token = kv_bytes_per_token(model, next(model.parameters()).dtype)
         params = cache_params(cfg.cache)
         if task.kind == "perplexity" and isinstance(params.get("budget"), float):
@@ -292,30 +354,42 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             i for i in _as_list(model.generation_config.eos_token_id) + [tokenizer.eos_token_id] if i is not None
         }
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        # A model split over GPUs decodes eagerly: one graph cannot capture work on several devices.
+        graphs = use_cuda_graphs(cfg.get("cuda_graphs", "auto"), device, cfg.cache.name) and not is_split(model)
         bar = tqdm(total=len(todo), desc="samples", disable=not progress)
         for batch in _chunks(todo, cfg.batch_size):
             encoded = [task.encode(s, tokenizer) for s in batch]
             cache = make_cache(cfg.cache.name, model, **params)
             try:
                 if task.kind == "perplexity":
-                    outs = stream_nll(model, torch.tensor(encoded), task.prefix_tokens, cache, progress)
+                    outs = stream_nll(model, torch.tensor(encoded), task.prefix_tokens, cache, progress, graphs)
                 else:
-                    outs = generate_greedy(model, encoded, cache, task.max_new_tokens, eos_ids, pad_id, progress)
+                    outs = generate_greedy(
+                        model, encoded, cache, task.max_new_tokens, eos_ids, pad_id, progress, graphs
+                    )
+                # Policy state beside the K/V slots (e.g. LESS's linear-attention state) counts in the memory figures.
+                extra = (cache.extra_bytes_per_token(), cache.extra_state_bytes())
             except torch.OutOfMemoryError as e:
                 status, error = "oom", str(e).splitlines()[0]
                 break
             finally:
                 del cache
             for sample, ids, out in zip(batch, encoded, outs):
-                rec = _sample_record(task, tokenizer, sample, ids, out, per_token)
+                rec = _sample_record(task, tokenizer, sample, ids, out, per_token, extra)
                 records.append(rec)
                 logger.log_sample(rec)
                 done[sample.id] = rec
             bar.update(len(batch))
         bar.close()
     summary = _summarize(cfg, task, source, [done[s.id] for s in samples if s.id in done], status, error, run_dir)
-    summary["peak_memory_bytes"] = peak_memory_bytes(device) if todo else summary.get("peak_memory_bytes")
+    summary["peak_memory_bytes"] = peak_memory_bytes(device) if todo else None
     summary["peak_memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    summary["peak_memory_bytes_per_device"] = peak_memory_bytes_per_device(device) if todo else None
+    if not todo:  # nothing ran now: keep what the run that computed the samples measured
+        previous = records.summary() or {}
+        summary["peak_memory_bytes"] = previous.get("peak_memory_bytes")
+        summary["peak_memory_kind"] = previous.get("peak_memory_kind", summary["peak_memory_kind"])
+        summary["peak_memory_bytes_per_device"] = previous.get("peak_memory_bytes_per_device")
     records.write_json("summary.json", summary)
     logger.finish(summary)
     print_summary(summary)
@@ -326,23 +400,25 @@ def _as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _sample_record(task, tokenizer, sample, prompt_ids, out: dict, per_token: int) -> dict[str, Any]:
+def _sample_record(
+    task, tokenizer, sample, prompt_ids, out: dict, per_token: int, extra: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     trace = out.pop("stored_trace")
     decode_trace = trace[1:] or trace
     rec: dict[str, Any] = {"id": sample.id, "prompt_tokens": len(prompt_ids)}
     if task.kind == "perplexity":
         rec["metrics"] = task.score_stream(out.pop("nll_sum"), out.pop("n_tokens"))
-        seen = len(prompt_ids)
+        seen = len(prompt_ids) - 1  # the stream's last token is only scored, never fed
     else:
         new = out.pop("new_tokens")
         text = tokenizer.decode(new, skip_special_tokens=True)
         rec |= {"prediction": text, "new_tokens": len(new), "reference": sample.reference}
         rec["metrics"] = task.score(sample, text)
-        seen = len(prompt_ids) + len(new)
+        seen = len(prompt_ids) + len(new) - 1  # the last new token is never fed: a full cache stores the rest
     rec |= {
         "kv_tokens_after_prefill": trace[0], "kv_tokens_peak": max(trace),
         "kv_tokens_mean": statistics.fmean(decode_trace),
-        "kv_bytes_peak": max(trace) * per_token, "kv_bytes_full": seen * per_token,
+        "kv_bytes_peak": max(trace) * (per_token + extra[0]) + extra[1], "kv_bytes_full": seen * per_token,
     }  # fmt: skip
     return rec | out
 
