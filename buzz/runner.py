@@ -431,7 +431,10 @@ def _summarize(cfg, task, source, recs: list[dict], status: str, error: str | No
         return statistics.fmean(vals) if vals else None
 
     kv_peak, kv_full = mean("kv_bytes_peak"), mean("kv_bytes_full")
+    import datetime as dt
+
     return {
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "status": status, "error": error, "run_dir": str(run_dir), "n": len(recs),
         "task": cfg.task.name, "model": cfg.model.name, "cache": cfg.cache.name,
         "budget": cfg.cache.get("budget"), "metrics": metrics, "metric_info": getattr(task, "metric_info", {}),

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -173,7 +174,7 @@ def load_runs(root: str | Path, configs: Path = CONFIGS) -> tuple[list[Run], lis
             task_kind=task_cfg.get("kind", "generate"), gold_position=task_cfg.get("gold_position"),
             policy=_label(policy_name, policy_variant), policy_name=policy_name, budget=cache_cfg.get("budget"),
             status=summary.get("status", "incomplete (no summary.json)"), summary=summary, samples=samples,
-            mtime=samples_path.stat().st_mtime,
+            mtime=_finished_at(summary, samples_path),
         )  # fmt: skip
         if not samples:
             continue
@@ -476,22 +477,21 @@ def table_meta(spec: Spec, runs: Sequence[Run], model: str | None) -> dict:
         "samples_per_run": counts, "data": data, "rouge": sorted(rouge),
         "budget_definition": [BUDGET_DEFINITION[k] for k in sorted(kinds) if k in BUDGET_DEFINITION],
         "records_from": _date(min(times)) if times else None, "records_to": _date(max(times)) if times else None,
-        "record_commits": sorted(commits), "rendered": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "render_commit": _git_commit(),
+        "record_commits": sorted(commits),
     }  # fmt: skip
 
 
+def _finished_at(summary: dict, samples_path: Path) -> float:
+    """When the run finished: its summary says so (records travel between machines and clones, which reset file
+    times); older records fall back to the samples file's time."""
+    stamp = (summary or {}).get("finished_at")
+    if stamp:
+        return dt.datetime.fromisoformat(stamp).timestamp()
+    return samples_path.stat().st_mtime
+
+
 def _date(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5)  # fmt: skip
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -539,8 +539,7 @@ def to_markdown(t: Table) -> str:
         lines.append(f"- {t.metric_label}: same samples paired by id; 95% paired bootstrap over documents "
                      f"({N_BOOT} resamples, seed {SEED}), {stat}")  # fmt: skip
     commits = ", ".join(m["record_commits"]) or "-"
-    lines.append(f"- records {m['records_from']} .. {m['records_to']}, commit(s) {commits};"
-                 f" rendered {m['rendered']} at {m['render_commit']}")  # fmt: skip
+    lines.append(f"- records {m['records_from']} .. {m['records_to']}, commit(s) {commits}")
     lines.append("")
     if t.warnings:
         lines += ["**Notes**", ""] + [f"- {w}" for w in t.warnings] + [""]
@@ -660,8 +659,7 @@ def write_index(out_dir: Path) -> Path:
         for b in m.get("budget_definition") or []:
             lines.append(f"- budget: {b}")
         lines.append(f"- records: {m.get('records_from')} .. {m.get('records_to')}, commit(s) "
-                     f"{', '.join(m.get('record_commits') or []) or '-'}; rendered {m.get('rendered')} at "
-                     f"{m.get('render_commit')}")  # fmt: skip
+                     f"{', '.join(m.get('record_commits') or []) or '-'}")  # fmt: skip
         if m.get("warnings"):
             lines.append(f"- notes: {len(m['warnings'])} (see {n}.md)")
         lines.append("")
@@ -689,6 +687,29 @@ def render(names: Sequence[str], runs_dir: Path, out_dir: Path, model: str | Non
     return tables
 
 
+def export(runs_dir: Path, to: Path) -> int:
+    """Copy run records into a committed records folder, dropping what is the dataset's, not ours: each sample's
+    `reference` (gold summaries and answers). Tables render from it byte-identically on any clone. Returns runs."""
+    n = 0
+    for samples_path in sorted(runs_dir.rglob("samples.jsonl")):
+        src = samples_path.parent
+        if ".hydra" in src.parts:
+            continue
+        dst = to / src.relative_to(runs_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        summary_path = src / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            summary.setdefault("finished_at", _date(samples_path.stat().st_mtime))
+            (dst / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        if (src / "config.json").exists():
+            shutil.copyfile(src / "config.json", dst / "config.json")
+        rows = [{k: v for k, v in r.items() if k != "reference"} for r in _read_samples(samples_path)]
+        (dst / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        n += 1
+    return n
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -707,6 +728,9 @@ def _names(values: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m buzz.tables", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("export", help="copy records (without dataset references) into a committed folder")
+    p.add_argument("--runs-dir", default="results/runs")
+    p.add_argument("--to", default="results/records")
     for cmd in ("run", "render"):
         p = sub.add_parser(cmd, help="run the jobs, then render" if cmd == "run" else "render from stored records only")
         p.add_argument("tables", nargs="+", help=f"table names ({', '.join(TABLES)}) or all")
@@ -723,6 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--extra", default="", help="more run.py overrides, space separated")
             p.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
+    if a.cmd == "export":
+        n = export(Path(a.runs_dir), Path(a.to))
+        print(f"[tables] exported {n} runs from {a.runs_dir} to {a.to}")
+        return 0
     out_dir = Path(a.output)
     runs_dir = Path(a.runs_dir) if a.runs_dir else out_dir / "runs"
     names = _names(a.tables)

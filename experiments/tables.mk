@@ -28,10 +28,12 @@ RUN_ARGS ?=
 TABLES_PY = $(PY) -m buzz.tables
 _TABLE_SEL = --output $(OUTPUT) $(if $(RUNS),--runs-dir $(RUNS)) --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) \
 	$(if $(POLICIES),--policies $(POLICIES)) $(if $(BUDGETS),--budgets $(BUDGETS))
+_RENDER_SEL = --output $(OUTPUT) --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) \
+	$(if $(POLICIES),--policies $(POLICIES)) $(if $(BUDGETS),--budgets $(BUDGETS))
 _TABLE_RUN = $(_TABLE_SEL) $(if $(LIMIT),--limit $(LIMIT)) $(if $(DEVICE),--device $(DEVICE)) --logger $(LOGGER) \
 	$(if $(RUN_ARGS),--extra '$(RUN_ARGS)')
 
-.PHONY: tables tables-render table-summarization table-qa table-ppl table-memory tables-dry-run
+.PHONY: tables tables-export tables-render table-summarization table-qa table-ppl table-memory tables-dry-run
 
 table-summarization: $(STAMP)
 	$(TABLES_PY) run summarization $(_TABLE_RUN)
@@ -47,10 +49,16 @@ table-memory: $(STAMP)
 
 tables: $(STAMP)
 	$(TABLES_PY) run all $(_TABLE_RUN)
+	$(TABLES_PY) export --runs-dir $(OUTPUT)/runs --to $(OUTPUT)/records
+	$(TABLES_PY) render all $(_RENDER_SEL) --runs-dir $(OUTPUT)/records
 
-## Every table, plot and results/README.md from the stored records; no model runs.
+## Copy the records (without the datasets' reference texts) into $(OUTPUT)/records, which is committed.
+tables-export: $(STAMP)
+	$(TABLES_PY) export --runs-dir $(or $(RUNS),$(OUTPUT)/runs) --to $(OUTPUT)/records
+
+## Every table, plot and results/README.md from the committed records ($(OUTPUT)/records, or RUNS=); no model runs.
 tables-render:
-	$(TABLES_PY) render all $(_TABLE_SEL)
+	$(TABLES_PY) render all $(_RENDER_SEL) --runs-dir $(or $(RUNS),$(OUTPUT)/records)
 
 ## The run.py commands `make tables` would run, without running them.
 tables-dry-run:
