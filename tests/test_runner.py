@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import buzz.models
 import buzz.runner
-import buzz.tasks.summarization
+import buzz.tasks.base
 from buzz.cache import make_cache
 from buzz.records import RunRecords
 from buzz.runner import ConfigError, generate_greedy, run, stream_nll
@@ -332,7 +332,7 @@ def test_missing_data_file_is_a_config_error(tmp_path):
 def test_hub_data_runs_apart_from_offline_data(tmp_path, monkeypatch):
     offline = job(tmp_path, "xsum")
     rows = [{"id": f"hub-{i}", "document": f"Hub document number {i}.", "summary": "A summary."} for i in range(3)]
-    monkeypatch.setattr(buzz.tasks.summarization, "load_hub_rows", lambda path, name, split: rows)
+    monkeypatch.setattr(buzz.tasks.base, "load_hub_rows", lambda path, name, split: rows)
     hub = job(tmp_path, "xsum", "data_dir=hub")
     assert hub["run_dir"] != offline["run_dir"]
     assert hub["data"]["origin"] == "hub" and hub["data"]["location"] == "EdinburghNLP/xsum:None:test"

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import buzz.tasks.base
 import buzz.tasks.qa10
-import buzz.tasks.summarization
-import buzz.tasks.wikitext
 from buzz.models import load_tokenizer
 from buzz.runner import resolve_data_dir
 from buzz.tasks import Sample, build_task
@@ -182,7 +181,7 @@ def no_offline_reads(monkeypatch):
     def boom(path):
         raise AssertionError(f"offline file read on the hub path: {path}")
 
-    for module in (buzz.tasks.summarization, buzz.tasks.wikitext, buzz.tasks.qa10):
+    for module in (buzz.tasks.base, buzz.tasks.qa10):
         monkeypatch.setattr(module, "read_jsonl", boom)
 
 
@@ -196,7 +195,7 @@ def test_hub_path_summarization(name, monkeypatch, no_offline_reads):
         calls.append((path, hub_name, split))
         return rows
 
-    monkeypatch.setattr(buzz.tasks.summarization, "load_hub_rows", fake)
+    monkeypatch.setattr(buzz.tasks.base, "load_hub_rows", fake)
     samples, source = build_task(cfg).load(resolve_data_dir("hub"), 2)
     assert calls == [(cfg["hub_path"], cfg["hub_name"], "test")]
     assert [(s.id, s.text, s.reference) for s in samples] == [("0", "doc 0", "sum 0"), ("1", "doc 1", "sum 1")]
@@ -210,7 +209,7 @@ def test_hub_path_wikitext(monkeypatch, no_offline_reads, tokenizer):
         calls.append((path, hub_name, split))
         return [{"text": " = Title = \n"}, {"text": "word " * 300 + "\n"}]
 
-    monkeypatch.setattr(buzz.tasks.wikitext, "load_hub_rows", fake)
+    monkeypatch.setattr(buzz.tasks.base, "load_hub_rows", fake)
     task = build_task(task_cfg("wikitext", "task.stream_tokens=100", "task.prefix_tokens=10", "task.max_tokens=200"))
     samples, source = task.load(resolve_data_dir("hub"), None)
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]

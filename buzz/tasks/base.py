@@ -85,6 +85,18 @@ class Task:
         return out | {"n": len(per_sample)}
 
     # helpers -----------------------------------------------------------------------------------------------
+    def load_rows(self, data_dir: Path | None, offline_note: str) -> tuple[list[dict], DataSource]:
+        """Rows from the Hub (data_dir None: `hub_path`, `hub_name`, `split`) or from `offline_file` under the
+        offline data directory; a missing file is a one-line error."""
+        c = self.cfg
+        if data_dir is None:
+            rows = load_hub_rows(c["hub_path"], c["hub_name"], c["split"])
+            return rows, DataSource("hub", f"{c['hub_path']}:{c['hub_name']}:{c['split']}", c["split"], False, "")
+        path = Path(data_dir) / c["offline_file"]
+        if not path.exists():
+            raise ValueError(f"task={self.name}: {path} not found; set data_dir to a folder laid out as ../shared/data")
+        return read_jsonl(path), DataSource("offline", str(path), c["split"], False, offline_note)
+
     def chat_or_plain(self, content: str, tokenizer) -> list[int]:
         """Token ids of a user turn: the chat template (with the assistant prefix) when the task asks for it and
         the tokenizer has one, else the plain text with the tokenizer's own special tokens."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from buzz.metrics import ROUGE_DESCRIPTIONS, ROUGE_IMPLS, rouge
-from buzz.tasks.base import DataSource, Sample, Task, load_hub_rows, read_jsonl
+from buzz.tasks.base import DataSource, Sample, Task
 
 COMMON = {
     "kind": "generate", "hub_path": None, "hub_name": None, "split": "test", "offline_file": None,
@@ -32,17 +32,7 @@ class Summarization(Task):
 
     def load(self, data_dir: Path | None, limit: int | None) -> tuple[list[Sample], DataSource]:
         c = self.cfg
-        if data_dir is None:
-            rows = load_hub_rows(c["hub_path"], c["hub_name"], c["split"])
-            source = DataSource("hub", f"{c['hub_path']}:{c['hub_name']}:{c['split']}", c["split"], False, "")
-        else:
-            path = Path(data_dir) / c["offline_file"]
-            if not path.exists():
-                raise ValueError(
-                    f"task={self.name}: {path} not found; set data_dir to a folder laid out as ../shared/data"
-                )
-            rows = read_jsonl(path)
-            source = DataSource("offline", str(path), c["split"], False, self.note)
+        rows, source = self.load_rows(data_dir, self.note)
         samples = []
         for row in rows:
             doc = (row.get(c["document_field"]) or "").strip()

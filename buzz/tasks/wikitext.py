@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from buzz.metrics import perplexity
-from buzz.tasks.base import DataSource, Sample, Task, load_hub_rows, read_jsonl
+from buzz.tasks.base import DataSource, Sample, Task
 
 
 class Wikitext(Task):
@@ -44,17 +44,7 @@ class Wikitext(Task):
 
     def load(self, data_dir: Path | None, limit: int | None) -> tuple[list[Sample], DataSource]:
         c = self.cfg
-        if data_dir is None:
-            rows = load_hub_rows(c["hub_path"], c["hub_name"], c["split"])
-            source = DataSource("hub", f"{c['hub_path']}:{c['hub_name']}:{c['split']}", c["split"], False, "")
-        else:
-            path = Path(data_dir) / c["offline_file"]
-            if not path.exists():
-                raise ValueError(
-                    f"task=wikitext: {path} not found; set data_dir to a folder laid out as ../shared/data"
-                )
-            rows = read_jsonl(path)
-            source = DataSource("offline", str(path), c["split"], False, "the full real wikitext-2-raw-v1 test split")
+        rows, source = self.load_rows(data_dir, "the full real wikitext-2-raw-v1 test split")
         self._text = "".join(r["text"] for r in rows)
         n = c["max_tokens"] // c["stream_tokens"]
         if limit is not None:
