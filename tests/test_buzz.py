@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import buzz
-from tests.reference import reference_logits, tiny_llama
+from tests.reference import reference_logits
 from tests.test_policies import cache_logits, greedy
 
 N_PROMPT, N_DECODE = 24, 40
@@ -56,11 +56,6 @@ CASES = {
     # A prompt much longer than the budget: the prefill round's samples overflow the threshold and are thinned.
     "budget_overflow": ("buzz", {"budget": 9, "sink": 1, "window": 2, "stride": 3}, (1, 2, 6, 3, True), 9),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ import torch
 
 import buzz
 from buzz.runner import prefill_forwards
-from tests.reference import REF, reference_logits, tiny_llama
+from tests.reference import REF, reference_logits
 from tests.test_policies import greedy, streaming_rule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_PROMPT, N_DECODE = 24, 40
 
@@ -132,20 +134,6 @@ def cache_logits(model, ids: list[int], n_prompt: int, cache, trace: list) -> to
             out.append(model(torch.tensor([[ids[t]]]), past_key_values=cache).logits[0, -1])
             trace.append(int(cache.stored_tokens()[0]))
     return torch.stack(out)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a busy machine they only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,9 @@ import buzz
 from baselines.less import LessKernels, combine
 from buzz.cache import EvictionLayer
 from buzz.less_train import LayerData, attention_modules, capture_qkv, replay_base, train_kernels
-from tests.reference import tiny_llama
 from tests.test_policies import cache_logits, greedy, h2o_rule
 
 N_PROMPT, N_DECODE, BUDGET, RECENT = 24, 32, 12, 6
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

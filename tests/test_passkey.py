@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from buzz.models import load_tokenizer
@@ -15,18 +14,11 @@ from buzz.tasks import build_task
 from buzz.tasks.passkey import INTRO, KEY_LINE, QUESTION, Passkey
 from tests.conftest import compose_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def task(**cfg) -> Passkey:
     return build_task({"name": "passkey", **cfg})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a busy machine they only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 import buzz
 from buzz.cache import EvictionCache
-from tests.reference import reference_logits, tiny_llama
+from tests.reference import reference_logits
 
 N_PROMPT, N_DECODE, BUDGET = 24, 32, 12
 
@@ -51,11 +51,6 @@ CASES = {
     "h2o": ({"budget": BUDGET, "recent": 6}, h2o_rule(BUDGET, 6)),
     "h2o_fraction": ({"budget": 0.5, "recent": 0.25}, h2o_rule(N_PROMPT // 2, N_PROMPT // 8)),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
