@@ -262,7 +262,7 @@ def stream_point(model, batch: int, policy: str, params: dict, total: int, promp
             if policy == "full" or step is None:
                 cache.reserve_steps(stretch)
                 step = GraphDecodeStep(model, cache, kw)
-            times, stored = [], []
+            times = []
             for _ in range(stretch):
                 pos = torch.full((batch, 1), seen, device=device)
                 with Timer(device) as t:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import logging
 import math
@@ -431,8 +432,6 @@ def _summarize(cfg, task, source, recs: list[dict], status: str, error: str | No
         return statistics.fmean(vals) if vals else None
 
     kv_peak, kv_full = mean("kv_bytes_peak"), mean("kv_bytes_full")
-    import datetime as dt
-
     return {
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "status": status, "error": error, "run_dir": str(run_dir), "n": len(recs),
