@@ -344,7 +344,9 @@ def summarize(result: dict, prompt: int = 16384, batch: int = 4, budget: float =
     def value(p: dict | None, key: str):
         if p is None:
             return None
-        return "oom" if p["status"] == "oom" else round(p[key], 3)
+        if p["status"] == "oom":
+            return "oom"
+        return round(p[key], 3) if p.get(key) is not None else None  # no roofline without a GPU bandwidth
 
     policies = sorted({p["policy"] for p in result["points"]} - {"full"})
     decode, roof, prefill = {}, {}, {}
