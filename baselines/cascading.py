@@ -34,8 +34,8 @@ Deviations from the reference code, all deliberate:
   0.9999999, where the difference is below float32 resolution anyway). Scores are float32 (the paper stores them
   in the model dtype).
 * Like the paper's kernel, all decisions of one forward use the scores after that forward's attention.
-* RoPE: keys keep their original positions (the core rotates keys once, when written); the paper's default
-  re-rotates cached keys to contiguous in-cache positions, StreamingLLM-style.
+* RoPE: by default keys keep their original (absolute) positions; `positions=in_cache` gives the paper's default,
+  contiguous in-cache positions, StreamingLLM-style (the core re-rotates the stored keys each forward).
 * Budget split: the paper needs the cache size to be a multiple of the sub-cache size; here the remainder goes to
   the first sub-caches, and with budget - sinks < cascades the trailing sub-caches are empty (tokens reaching them
   are evicted). Sinks count against the budget (the paper stores them beside its cache).
@@ -79,8 +79,9 @@ class Cascading(Policy):
     def __init__(
         self, budget: int | float = 0.5, sink: int = 4, cascades: int = 4, schedule: str = "pow2",
         decay: float = 0.9999999, head_reduction: str = "mean", prefill_stride: int | None = 512,
+        positions: str = "absolute",
     ) -> None:  # fmt: skip
-        super().__init__(budget)
+        super().__init__(budget, positions)
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
             raise ValueError(f"cache.sink={sink!r} is invalid; allowed: an int >= 0")
         if isinstance(cascades, bool) or not isinstance(cascades, int) or not 1 <= cascades <= 62:

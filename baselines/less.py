@@ -169,6 +169,10 @@ class Less(Policy):
             self.base = policies[base](**({} if budget is None else {"budget": budget}), **(base_params or {}))
         except TypeError as e:
             raise ValueError(f"cache=less, base={base}: {e}") from None
+        if self.base.positions != "absolute":  # the folded state holds keys at their absolute positions
+            raise ValueError(
+                f"cache.base_params.positions={self.base.positions!r} is invalid for less; allowed: absolute"
+            )
         self.budget = self.base.budget
         self.needs_scores = self.base.needs_scores
         self.per_head = getattr(self.base, "per_head", False)

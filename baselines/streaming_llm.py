@@ -5,12 +5,13 @@ from buzz.cache import LayerState, Policy, recent_mask, register_policy, sink_ma
 
 @register_policy
 class StreamingLLM(Policy):
-    """StreamingLLM (Xiao et al., 2023): the first `sink` tokens plus the most recent ones, `budget` in all."""
+    """StreamingLLM (Xiao et al., 2023): the first `sink` tokens plus the most recent ones, `budget` in all.
+    `positions=in_cache` is the paper's position rule for streaming past the trained context (buzz.cache)."""
 
     name = "streaming_llm"
 
-    def __init__(self, budget: int | float = 0.5, sink: int = 4) -> None:
-        super().__init__(budget)
+    def __init__(self, budget: int | float = 0.5, sink: int = 4, positions: str = "absolute") -> None:
+        super().__init__(budget, positions)
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
             raise ValueError(f"cache.sink={sink!r} is invalid; allowed: an int >= 0")
         self.sink = sink

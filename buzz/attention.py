@@ -73,6 +73,8 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     real_new = _real_new_tokens(attention_mask, b, q, query.device)
     empty = layer.bound == 0
     pos_new, slots = layer.write(real_new)
+    # For positions=in_cache, keys re-rotated to their place in the cache (an empty cache has nothing to move).
+    keys = layer.keys if empty else layer.attention_keys(real_new)
     if empty and attention_mask is None and layer.score is None:
         # Unpadded prefill of an empty cache: plain causal attention over the new tokens (flash kernels).
         out = F.scaled_dot_product_attention(
@@ -84,13 +86,14 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     if mix is not None and not empty:
         # A policy with state beside the slots (LESS): exact softmax over the slots, then the policy folds in its
         # own part through the softmax's log-sum-exp, before this forward's eviction updates that state.
-        out, lse = _scored_attention(layer, query, _slot_mask(layer, pos_new, real_new), real_new, scaling, True)
+        mask = _slot_mask(layer, pos_new, real_new)
+        out, lse = _scored_attention(layer, query, keys, mask, real_new, scaling, True)
         out = mix(layer, query, out, lse, module=module)
         layer.evict(slots)
         return out, None
     if q == 1 and attention_mask is None and USE_FUSED_DECODE and fused_decode_available(query):
         # Decode step: every stored slot is older than the query, so validity is the whole mask.
-        out = decode_attention(query, layer.keys, layer.values, layer.valid, scaling, layer.score)
+        out = decode_attention(query, keys, layer.values, layer.valid, scaling, layer.score)
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
     mask = _slot_mask(layer, pos_new, real_new)
@@ -100,9 +103,9 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
             layer.score[:, :, :q] += sums.view(b, key.shape[1], -1, q).sum(2)
             layer.evict(slots)
             return out.transpose(1, 2).contiguous(), None
-        out = _scored_attention(layer, query, mask, real_new, scaling)
+        out = _scored_attention(layer, query, keys, mask, real_new, scaling)
     else:
-        out = _masked_sdpa(query, layer.keys, layer.values, mask, scaling)
+        out = _masked_sdpa(query, keys, layer.values, mask, scaling)
     layer.evict(slots)
     return out, None
 
@@ -129,12 +132,12 @@ def _masked_sdpa(query, keys, values, mask, scaling):
     return out.view(b, hq, q, -1).transpose(1, 2).contiguous()
 
 
-def _scored_attention(layer, query, mask, real_new, scaling, with_lse=False):
+def _scored_attention(layer, query, keys, mask, real_new, scaling, with_lse=False):
     """Attention that also adds, per KV head, the attention each slot receives (summed over the group's query
     heads and the real query rows) to the layer's float32 scores (when it keeps scores). With `with_lse`, also
     returns the float32 log-sum-exp of each query row's logits over its visible slots, (B, Hq, q)."""
     b, hq, q, d = query.shape
-    keys, values = layer.keys, layer.values
+    values = layer.values
     hkv, c = keys.shape[1], keys.shape[2]
     g = hq // hkv
     scale = scaling if scaling is not None else d**-0.5

@@ -12,6 +12,12 @@ Everything else lives here:
   plus its own tokens, then the policy trims the cache.
 * `get_seq_length()` returns tokens *seen* (so transformers derives absolute RoPE positions), while the number
   of *stored* tokens is `stored_tokens()`.
+* Positions: keys are stored as the model rotated them, at their absolute position. A policy with
+  `positions="in_cache"` (StreamingLLM's rule) instead has attention see each stored token at its slot's place in
+  the cache: the tokens kept from earlier forwards, in position order, sit at consecutive positions right before
+  the forward's own tokens. RoPE depends only on differences of positions, so that is the same as giving them
+  positions 0..k-1 and the query position k; the stored keys are re-rotated by that shift on the fly, each
+  forward, from the stored (absolute) keys, so no rounding error accumulates over steps.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 _PENDING: dict[str, Any] = {"layer": None}
 
 UNBOUNDED = 1 << 62
+POSITIONS = ("absolute", "in_cache")
 
 
 @dataclass
@@ -53,11 +60,15 @@ class Policy:
 
     name: ClassVar[str] = ""
     needs_scores: ClassVar[bool] = False
+    positions: str = "absolute"  # RoPE positions attention sees: "absolute" or "in_cache" (module docstring)
     # Per-slot tensors the core must keep aligned with the slots: name -> (dtype, value for a new token).
     slot_fields: ClassVar[dict[str, tuple[torch.dtype, float]]] = {}
 
-    def __init__(self, budget: int | float | None = None) -> None:
+    def __init__(self, budget: int | float | None = None, positions: str = "absolute") -> None:
         self.budget = check_budget(budget)
+        if positions not in POSITIONS:
+            raise ValueError(f"cache.positions={positions!r} is invalid; allowed: {', '.join(POSITIONS)}")
+        self.positions = positions
 
     def keep(self, s: LayerState) -> torch.Tensor:
         """Boolean (B, H, C) mask of the valid slots to keep after this forward."""
@@ -132,6 +143,36 @@ def top_k_mask(values: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, 
     return candidates & (rank < k.view(-1, 1, 1))
 
 
+def rope_inv_freq(model: Any) -> torch.Tensor:
+    """The model's RoPE inverse frequencies (float64, CPU), to re-rotate stored keys for `positions=in_cache`."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        raise ValueError(
+            f"cache.positions=in_cache needs a model with rotary position embeddings; {type(model).__name__} has "
+            "none (allowed here: absolute)"
+        )
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):  # frequencies that change with the sequence length
+        raise ValueError(
+            f"cache.positions=in_cache needs fixed RoPE frequencies; this model's rope_type is {rope_type} "
+            "(allowed here: absolute)"
+        )
+    return rotary.inv_freq.detach().double().cpu()
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """`keys` (..., C, D) moved `delta` (..., C) RoPE positions further (rotate-half layout, on the first
+    2 * len(inv_freq) dims). A RoPE rotation by a then by b is one by a + b, so a key the model rotated to position
+    p becomes the key of position p + delta; angles in float64 so large shifts keep float32 accuracy."""
+    r = inv_freq.shape[-1]
+    angle = delta.unsqueeze(-1).double() * inv_freq.to(device=keys.device, dtype=torch.float64)
+    cos, sin = angle.cos().float(), angle.sin().float()
+    x = keys.float()
+    x1, x2 = x[..., :r], x[..., r : 2 * r]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * r :]], -1)
+    return out.to(keys.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -142,10 +183,11 @@ class EvictionLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: Policy, layer_idx: int) -> None:
+    def __init__(self, policy: Policy, layer_idx: int, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__()
         self.policy = policy
         self.layer_idx = layer_idx
+        self.rope_inv_freq = inv_freq  # set for positions=in_cache (float64, moved to the layer's device)
         self.seen_columns = 0  # tokens seen, pads included (what transformers calls the sequence length)
         self.step = 0
         self.bound = 0  # host-side upper bound of valid slots per head, to size the buffer without syncs
@@ -167,6 +209,8 @@ class EvictionLayer(CacheLayerMixin):
         self.fields = {n: torch.zeros(b, h, 0, dtype=dt, device=dev) for n, (dt, _) in self.policy.slot_fields.items()}
         self.seen = torch.zeros(b, dtype=torch.long, device=dev)
         self.budget = None
+        if self.rope_inv_freq is not None:
+            self.rope_inv_freq = self.rope_inv_freq.to(dev)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -260,6 +304,22 @@ class EvictionLayer(CacheLayerMixin):
         self.step += 1
         return pos_new, slots
 
+    def attention_keys(self, real_new: torch.Tensor) -> torch.Tensor:
+        """The stored keys as this forward's attention sees them, after write(): as stored (absolute positions), or
+        for `positions=in_cache` the tokens kept from earlier forwards re-rotated to consecutive positions ending
+        right before the forward's first real token (their order kept, per sample and head; see the module
+        docstring). The forward's own tokens keep their positions."""
+        if self.rope_inv_freq is None:
+            return self.keys
+        before = (self.seen - real_new.sum(-1)).view(-1, 1, 1)  # real tokens seen before this forward
+        old = self.valid & (self.pos < before)
+        order = self.pos.masked_fill(~old, UNBOUNDED).argsort(-1)
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        )
+        delta = torch.where(old, before - old.sum(-1, keepdim=True) + rank - self.pos, 0)
+        return rotate_keys(self.keys, delta, self.rope_inv_freq)
+
     def evict(self, slots: torch.Tensor) -> None:
         state = LayerState(
             valid=self.valid, pos=self.pos, score=self.score, seen=self.seen, budget=self.budget,
@@ -320,8 +380,11 @@ class EvictionLayer(CacheLayerMixin):
 class EvictionCache(Cache):
     """A `transformers.Cache` whose layers evict by a policy; pass it as `past_key_values`."""
 
-    def __init__(self, policy: Policy, num_layers: int) -> None:
-        super().__init__(layers=[EvictionLayer(policy, i) for i in range(num_layers)])
+    def __init__(self, policy: Policy, num_layers: int, inv_freq: torch.Tensor | None = None) -> None:
+        if policy.positions == "in_cache" and inv_freq is None:
+            raise ValueError("cache.positions=in_cache needs the model's RoPE frequencies (use buzz.make_cache)")
+        inv_freq = inv_freq if policy.positions == "in_cache" else None
+        super().__init__(layers=[EvictionLayer(policy, i, inv_freq) for i in range(num_layers)])
         self.policy = policy
 
     def stored_tokens(self) -> torch.Tensor:
@@ -413,4 +476,5 @@ def make_cache(policy: str, model: Any, **params: Any) -> EvictionCache:
 
     pol = make_policy(policy, **params)
     use_kvbench_attention(model)
-    return EvictionCache(pol, model.config.get_text_config().num_hidden_layers)
+    inv_freq = rope_inv_freq(model) if pol.positions == "in_cache" else None
+    return EvictionCache(pol, model.config.get_text_config().num_hidden_layers, inv_freq)

@@ -1,6 +1,6 @@
 """On a GPU: CUDA-graph decode equals eager decode for every policy (tiny random Llama, float32).
 
-python scripts/gpu_check.py [policy ...]
+python scripts/gpu_check.py [policy ...]      # a name may end in +in_cache (positions=in_cache)
 """
 
 import sys
@@ -11,22 +11,27 @@ from buzz.bench import build_model
 from buzz.cache import cache_kwarg, make_cache
 from buzz.graphs import GraphDecodeStep
 
-POLICIES = ["full", "window", "streaming_llm", "h2o", "buzz", "buzz_paper"]
+POLICIES = [
+    "full", "window", "streaming_llm", "h2o", "buzz", "buzz_paper", "cascading",
+    "streaming_llm+in_cache", "buzz+in_cache", "cascading+in_cache",
+]  # fmt: skip
 
 
 def params(policy: str, budget: int) -> dict:
+    extra = {"positions": "in_cache"} if policy.endswith("+in_cache") else {}
+    policy = policy.removesuffix("+in_cache")
     if policy == "full":
         return {}
     if policy == "buzz_paper":  # its fixed sizes, scaled down so rounds happen within the test
-        return {"sink": 2, "window": budget // 4, "threshold": budget // 2, "stride": 3}
-    return {"budget": budget}
+        return {"sink": 2, "window": budget // 4, "threshold": budget // 2, "stride": 3, **extra}
+    return {"budget": budget, **extra}
 
 
 def decode(model, policy: str, graph: bool, steps: int = 24, prompt: int = 40, budget: int = 16) -> torch.Tensor:
     """Teacher-forced decode logits (the same tokens whatever the path, so a small difference cannot snowball)."""
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3, prompt + steps), device="cuda")
-    cache = make_cache(policy, model, **params(policy, budget))
+    cache = make_cache(policy.removesuffix("+in_cache"), model, **params(policy, budget))
     kw = cache_kwarg(model)
     out = []
     with torch.inference_mode():

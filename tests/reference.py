@@ -4,6 +4,11 @@ Each step re-runs the whole sequence through a tiny model with an eager attentio
 and per KV head, a mask in which row j sees exactly the tokens that were stored when token j was processed (plus
 itself). That reproduces what an evicting cache computes without using any of its code: the kept sets come from
 simple per-policy rules over Python sets, and attention scores come from the eager softmax weights.
+
+With `positions="in_cache"` the model runs at position 0 everywhere (RoPE is then the identity, so queries and
+keys arrive unrotated) and this attention rotates them itself, row by row, from a table of the model's cos/sin:
+row j's visible tokens, in order, at positions 0..k-1 (the query being the last of them), i.e. attention
+recomputed from scratch over exactly the tokens kept, at their places in the cache.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
-REF = {"masks": {}, "weights": {}}
+REF = {"masks": {}, "weights": {}, "rope": None}
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
 def _ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -23,8 +33,16 @@ def _ref_attention(module, query, key, value, attention_mask, scaling=None, drop
     g = hq // hkv
     k = key.repeat_interleave(g, 1)
     v = value.repeat_interleave(g, 1)
-    logits = (query.float() @ k.float().transpose(-1, -2)) * scaling
     mask = REF["masks"][module.layer_idx].repeat_interleave(g, 1)  # (b, hq, t, t) bool
+    if REF["rope"] is None:
+        logits = (query.float() @ k.float().transpose(-1, -2)) * scaling
+    else:  # in-cache positions: key i of row j at its rank among row j's visible tokens; the query at its own
+        cos, sin = REF["rope"]  # (t, d) for positions 0..t-1
+        rank = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (b, hq, t, t)
+        k_rot = _rope(k.float()[:, :, None], cos[rank], sin[rank])  # (b, hq, t rows, t keys, d)
+        q_pos = rank.diagonal(dim1=-2, dim2=-1)  # (b, hq, t)
+        q_rot = _rope(query.float(), cos[q_pos], sin[q_pos])
+        logits = torch.einsum("bhjd,bhjid->bhji", q_rot, k_rot) * scaling
     weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
     REF["weights"][module.layer_idx] = weights
     return (weights @ v.float()).to(query.dtype).transpose(1, 2).contiguous(), None
@@ -48,8 +66,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
 Rule = Callable[[set[int], dict[int, float], int], set[int]]
 
 
-def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule) -> torch.Tensor:
-    """Logits (len(ids) - n_prompt + 1, vocab) for the prompt's last token and each later token, one at a time."""
+def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule, positions: str = "absolute") -> torch.Tensor:
+    """Logits (len(ids) - n_prompt + 1, vocab) for the prompt's last token and each later token, one at a time.
+    `positions`: "absolute" (each token at its index) or "in_cache" (see the module docstring)."""
     cfg = model.config
     n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     g = cfg.num_attention_heads // hkv
@@ -75,8 +94,14 @@ def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule) -> torch.
                         m[0, h, j, sorted(visible[layer][h][j])] = True
                 masks[layer] = m
             REF["masks"] = masks
+            position_ids = torch.arange(t)[None]
+            if positions == "in_cache":
+                x = torch.zeros(1, t, 1)
+                cos, sin = model.model.rotary_emb(x, position_ids)
+                REF["rope"] = (cos[0].float(), sin[0].float())
+                position_ids = torch.zeros_like(position_ids)  # RoPE = identity; _ref_attention rotates
             with torch.no_grad():
-                logits = model(torch.tensor([ids[:t]]), position_ids=torch.arange(t)[None]).logits
+                logits = model(torch.tensor([ids[:t]]), position_ids=position_ids).logits
             out.append(logits[0, -1])
             new_rows = range(0, n_prompt) if t == n_prompt else range(t - 1, t)
             for layer in range(n_layers):
@@ -93,5 +118,6 @@ def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule) -> torch.
                     if t < total:
                         visible[layer][h][t] = kept[layer][h] | {t}
     finally:
+        REF["rope"] = None
         model.set_attn_implementation(impl)
     return torch.stack(out)

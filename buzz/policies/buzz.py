@@ -52,8 +52,11 @@ class Buzz(Policy):
     slot_fields = {"rank": (torch.long, -1)}  # rank among the kept samples in position order; -1: not a sample
     bounded = True  # thin again when a round's samples exceed the threshold (keeps the budget)
 
-    def __init__(self, budget: int | float = 0.5, sink: int = 4, window: int | float = 0.28, stride: int = 5) -> None:
-        super().__init__(budget)
+    def __init__(
+        self, budget: int | float = 0.5, sink: int = 4, window: int | float = 0.28, stride: int = 5,
+        positions: str = "absolute",
+    ) -> None:  # fmt: skip
+        super().__init__(budget, positions)
         if self.budget is None and self.bounded:
             raise ValueError("cache.budget=None is invalid for buzz; allowed: an int >= 1 or a float in (0, 1]")
         self.sink = _check_int("sink", sink, 0)
@@ -130,13 +133,14 @@ class BuzzPaper(Buzz):
     bounded = False
 
     def __init__(
-        self, budget: None = None, sink: int = 4, window: int = 160, threshold: int = 400, stride: int = 5
-    ) -> None:
+        self, budget: None = None, sink: int = 4, window: int = 160, threshold: int = 400, stride: int = 5,
+        positions: str = "absolute",
+    ) -> None:  # fmt: skip
         if budget is not None:
             raise ValueError(
                 f"cache.budget={budget!r} is invalid for buzz_paper (fixed sizes); allowed: null, or use cache=buzz"
             )
-        super().__init__(None, sink=sink, window=_check_int("window", window, 0), stride=stride)
+        super().__init__(None, sink=sink, window=_check_int("window", window, 0), stride=stride, positions=positions)
         self.threshold = _check_int("threshold", threshold, 0)
 
     def regions(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
