@@ -28,6 +28,7 @@ the kept samples (position order) lives in a per-slot field, which is what makes
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -80,49 +81,76 @@ class Buzz(Policy):
 
     def keep(self, s: LayerState) -> torch.Tensor:
         sink_n, window_n, threshold = self.regions(s.budget)
-        valid, pos, rank, score = s.valid, s.pos, s.fields["rank"], s.score
-        c = valid.shape[-1]
-        seen = s.seen.view(-1, 1, 1)
-        sink = valid & (pos < sink_n)
-        window = valid & (pos >= seen - window_n) & ~sink
-        middle = valid & ~sink & ~window
-        trigger = middle.sum(-1, keepdim=True) > threshold  # (B, H, 1)
+        rule = _round
+        if COMPILE_DECODE_SELECTION and s.n_new == 1 and s.valid.is_cuda:
+            rule = _compiled_round()
+        keep, rank, score = rule(s.valid, s.pos, s.fields["rank"], s.score, s.seen, sink_n, window_n, threshold,
+                                 self.stride, self.bounded)  # fmt: skip
+        s.fields["rank"].copy_(rank)
+        s.score.copy_(score)
+        return keep
 
-        # Earlier samples: keep ranks 0, h, 2h, ... (uniform thinning, no scores).
-        h = (self.stride + 1) // 2
-        old = middle & (rank >= 0)
-        old_kept = old & (rank % h == 0)
-        n_old_kept = (old.sum(-1, keepdim=True) + h - 1) // h
 
-        # Newly pushed out: segments of `stride` consecutive positions from the first of them; the arg-max of each.
-        pushed = middle & (rank < 0)
-        first = pos.masked_fill(~pushed, BIG).amin(-1, keepdim=True)
-        segment = ((pos - first) // self.stride).clamp(0, c - 1)
-        vals = score.masked_fill(~pushed, -math.inf)
-        seg_max = torch.full_like(vals, -math.inf).scatter_reduce(-1, segment, vals, "amax")
-        is_max = pushed & (vals == seg_max.gather(-1, segment))
-        seg_first = torch.full_like(pos, BIG).scatter_reduce(-1, segment, pos.masked_fill(~is_max, BIG), "amin")
-        new_kept = is_max & (pos == seg_first.gather(-1, segment))
-        n_new = (pushed.sum(-1, keepdim=True) + self.stride - 1) // self.stride
+# On CUDA the decode step's selection runs compiled (torch.compile fuses its ~90 small element-wise and reduction
+# kernels per layer into a few; captured in the step's CUDA graph like the rest). Prefills stay eager: their shapes
+# vary per prompt. The compiled and eager paths compute the same (scripts/gpu_check.py).
+# KVBENCH_COMPILE_SELECTION=0 turns it off (e.g. to measure what it saves). The first buffer size is compiled
+# static; a second one makes the sizes dynamic (one more compile, then none).
+COMPILE_DECODE_SELECTION = os.environ.get("KVBENCH_COMPILE_SELECTION", "1") != "0"
+_COMPILED: list = []
 
-        samples = old_kept | new_kept
-        new_rank = torch.where(old_kept, rank // h, n_old_kept + segment)
-        if self.bounded:  # thin the combined samples until they fit the threshold (see the module docstring)
-            # Passes j: the least with ceil(n / step^j) <= threshold, i.e. n <= threshold * step^j (nested ceilings
-            # of integer divisions compose). Closed form from a float log, then an exact integer correction.
-            step = max(h, 2)
-            n = n_old_kept + n_new
-            ratio = n.double() / threshold.clamp_min(1).double()
-            passes = (ratio.log() / math.log(step)).ceil().clamp_min(0).long()
-            passes -= ((passes > 0) & (n <= threshold * torch.full_like(passes, step).pow(passes - 1))).long()
-            passes += (n > threshold * torch.full_like(passes, step).pow(passes)).long()
-            factor = torch.full_like(passes, step).pow(passes)
-            samples &= (new_rank % factor == 0) & (threshold >= 1)
-            new_rank = new_rank // factor
 
-        rank.copy_(torch.where(trigger, torch.where(samples, new_rank, -1), rank))
-        score.masked_fill_(trigger & (sink | old_kept), 0.0)
-        return torch.where(trigger, sink | window | samples, valid)
+def _compiled_round():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_round, fullgraph=True))
+    return _COMPILED[0]
+
+
+def _round(valid, pos, rank, score, seen, sink_n, window_n, threshold, stride: int, bounded: bool):
+    """One BUZZ round where the middle exceeds the threshold (per sample and head; elsewhere the slots stay as
+    they are): (slots to keep, the new `rank` field, the new scores). A pure function, so it compiles."""
+    c = valid.shape[-1]
+    seen = seen.view(-1, 1, 1)
+    sink = valid & (pos < sink_n)
+    window = valid & (pos >= seen - window_n) & ~sink
+    middle = valid & ~sink & ~window
+    trigger = middle.sum(-1, keepdim=True) > threshold  # (B, H, 1)
+
+    # Earlier samples: keep ranks 0, h, 2h, ... (uniform thinning, no scores).
+    h = (stride + 1) // 2
+    old = middle & (rank >= 0)
+    old_kept = old & (rank % h == 0)
+    n_old_kept = (old.sum(-1, keepdim=True) + h - 1) // h
+
+    # Newly pushed out: segments of `stride` consecutive positions from the first of them; the arg-max of each.
+    pushed = middle & (rank < 0)
+    first = pos.masked_fill(~pushed, BIG).amin(-1, keepdim=True)
+    segment = ((pos - first) // stride).clamp(0, c - 1)
+    vals = score.masked_fill(~pushed, -math.inf)
+    seg_max = torch.full_like(vals, -math.inf).scatter_reduce(-1, segment, vals, "amax")
+    is_max = pushed & (vals == seg_max.gather(-1, segment))
+    seg_first = torch.full_like(pos, BIG).scatter_reduce(-1, segment, pos.masked_fill(~is_max, BIG), "amin")
+    new_kept = is_max & (pos == seg_first.gather(-1, segment))
+    n_new = (pushed.sum(-1, keepdim=True) + stride - 1) // stride
+
+    samples = old_kept | new_kept
+    new_rank = torch.where(old_kept, rank // h, n_old_kept + segment)
+    if bounded:  # thin the combined samples until they fit the threshold (see the module docstring)
+        # Passes j: the least with ceil(n / step^j) <= threshold, i.e. n <= threshold * step^j (nested ceilings
+        # of integer divisions compose). Closed form from a float log, then an exact integer correction.
+        step = max(h, 2)
+        n = n_old_kept + n_new
+        ratio = n.double() / threshold.clamp_min(1).double()
+        passes = (ratio.log() / math.log(step)).ceil().clamp_min(0).long()
+        passes -= ((passes > 0) & (n <= threshold * torch.full_like(passes, step).pow(passes - 1))).long()
+        passes += (n > threshold * torch.full_like(passes, step).pow(passes)).long()
+        factor = torch.full_like(passes, step).pow(passes)
+        samples &= (new_rank % factor == 0) & (threshold >= 1)
+        new_rank = new_rank // factor
+
+    rank = torch.where(trigger, torch.where(samples, new_rank, -1), rank)
+    score = score.masked_fill(trigger & (sink | old_kept), 0.0)
+    return torch.where(trigger, sink | window | samples, valid), rank, score
 
 
 @register_policy
