@@ -243,38 +243,64 @@ def generate_greedy(
     return results
 
 
+def stream_buckets(n: int, prefix: int, bucket_tokens: int | None) -> list[tuple[int, int]]:
+    """(first, end) stream positions of each position bucket: [k * bucket_tokens, (k + 1) * bucket_tokens) cut to the
+    scored tokens [prefix, n) (buckets inside the prefix are dropped). One bucket of everything when None."""
+    if bucket_tokens is None:
+        return [(prefix, n)]
+    first = prefix // bucket_tokens
+    return [
+        (max(k * bucket_tokens, prefix), min((k + 1) * bucket_tokens, n)) for k in range(first, -(-n // bucket_tokens))
+    ]
+
+
 @torch.inference_mode()
 def stream_nll(
-    model, streams: torch.Tensor, prefix: int, cache: EvictionCache, progress: bool = False, graphs: bool = False
-) -> list[dict[str, Any]]:
+    model, streams: torch.Tensor, prefix: int, cache: EvictionCache, progress: bool = False, graphs: bool = False,
+    bucket_tokens: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Teacher-forced negative log-likelihood of each stream's tokens after the first `prefix`, fed one at a time
-    through the cache (a single full-window forward would never evict)."""
+    through the cache (a single full-window forward would never evict). The token at stream position t is scored
+    from the cache holding (what is kept of) positions < t. With `bucket_tokens`, also per position bucket
+    (`stream_buckets`): NLL sums, scored tokens, first positions, and the mean stored tokens while scoring them.
+
+    Nothing in the loop waits for the device: sums accumulate in device tensors (the bucket of each position is
+    known on the host in advance) and the stored-token trace goes into a preallocated device tensor; one copy to
+    the host at the end."""
     from buzz.metrics import token_nll
 
     device = next(model.parameters()).device
     kw = cache_kwarg(model)
     streams = streams.to(device)
     b, n = streams.shape
+    buckets = stream_buckets(n, prefix, bucket_tokens)
+    bucket_of = [k for k, (first, end) in enumerate(buckets) for _ in range(first, end)]  # per scored position
     nll = torch.zeros(b, dtype=torch.float64, device=device)
+    bucket_nll = torch.zeros(b, len(buckets), dtype=torch.float64, device=device)
+    # stored[:, j]: tokens stored when scoring position prefix + j (after the prefill, then after each step).
+    stored = torch.zeros(b, n - prefix, dtype=torch.long, device=device)
     _sync(device)
     t0 = time.perf_counter()
     prompt = streams[:, :prefix]
     *_, logits = prefill_forwards(model, cache, kw, prompt, torch.ones_like(prompt), None)
     logits = logits[:, -1]
-    stored = [cache.stored_tokens()]
+    stored[:, 0] = cache.stored_tokens()
     _sync(device)
     t_first = time.perf_counter()
     step = decode_stepper(model, cache, kw, graphs, n - prefix)
     for t in tqdm(range(prefix, n), desc="tokens", leave=False, disable=not progress):
-        nll += token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
+        token = token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
+        nll += token
+        if bucket_tokens is not None:
+            bucket_nll[:, bucket_of[t - prefix]] += token
         if t + 1 < n:
             logits = step(streams[:, t : t + 1], torch.full((b, 1), t, device=device))
-            stored.append(cache.stored_tokens())
+            stored[:, t + 1 - prefix] = cache.stored_tokens()
     _sync(device)
     t_end = time.perf_counter()
     steps = max(n - prefix - 1, 1)
-    trace = torch.stack(stored, 1).tolist()
-    return [
+    trace = stored.tolist()
+    outs = [
         {
             "nll_sum": float(nll[i]),
             "n_tokens": n - prefix,
@@ -286,6 +312,19 @@ def stream_nll(
         }  # fmt: skip
         for i in range(b)
     ]
+    if bucket_tokens is not None:
+        sums = bucket_nll.tolist()
+        for out, row in zip(outs, sums):
+            kv = out["stored_trace"]
+            out["buckets"] = {
+                "bucket_start": [first for first, _ in buckets],
+                "bucket_tokens": [end - first for first, end in buckets],
+                "bucket_nll_sum": row,
+            }
+            out["bucket_kv_tokens_mean"] = [
+                statistics.fmean(kv[first - prefix : end - prefix]) for first, end in buckets
+            ]
+    return outs
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -339,6 +378,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     status, error = "done", None
     logger = RunLogger(cfg.logger, run_name=str(run_dir.relative_to(cfg.output_dir)), config=resolved, run_dir=run_dir)
     device = torch.device(resolve_device(str(cfg.device)))
+    max_positions = None
     if todo:
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_model(cfg.model, str(device))
@@ -347,6 +387,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for i in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(i)
         per_token = kv_bytes_per_token(model, next(model.parameters()).dtype)
+        # The context the model was trained for (RoPE positions past it are out of distribution; tables mark it).
+        max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         params = cache_params(cfg.cache)
         if task.kind == "perplexity" and isinstance(params.get("budget"), float):
             # A fractional budget for perplexity is a fraction of the stream length (the whole evaluated text).
@@ -363,7 +405,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cache = make_cache(cfg.cache.name, model, **params)
             try:
                 if task.kind == "perplexity":
-                    outs = stream_nll(model, torch.tensor(encoded), task.prefix_tokens, cache, progress, graphs)
+                    outs = stream_nll(
+                        model, torch.tensor(encoded), task.prefix_tokens, cache, progress, graphs, task.bucket_tokens
+                    )
                 else:
                     outs = generate_greedy(
                         model, encoded, cache, task.max_new_tokens, eos_ids, pad_id, progress, graphs
@@ -386,8 +430,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary["peak_memory_bytes"] = peak_memory_bytes(device) if todo else None
     summary["peak_memory_kind"] = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
     summary["peak_memory_bytes_per_device"] = peak_memory_bytes_per_device(device) if todo else None
+    summary["model_max_positions"] = max_positions
     if not todo:  # nothing ran now: keep what the run that computed the samples measured
         previous = records.summary() or {}
+        summary["model_max_positions"] = previous.get("model_max_positions")
         summary["peak_memory_bytes"] = previous.get("peak_memory_bytes")
         summary["peak_memory_kind"] = previous.get("peak_memory_kind", summary["peak_memory_kind"])
         summary["peak_memory_bytes_per_device"] = previous.get("peak_memory_bytes_per_device")
@@ -406,9 +452,10 @@ def _sample_record(
 ) -> dict[str, Any]:
     trace = out.pop("stored_trace")
     decode_trace = trace[1:] or trace
-    rec: dict[str, Any] = {"id": sample.id, "prompt_tokens": len(prompt_ids)}
+    # The per-step trace is summarised here (after prefill, mean, peak; per bucket for streams), never stored.
+    rec: dict[str, Any] = {"id": sample.id, "prompt_tokens": len(prompt_ids)} | task.record_fields(sample)
     if task.kind == "perplexity":
-        rec["metrics"] = task.score_stream(out.pop("nll_sum"), out.pop("n_tokens"))
+        rec["metrics"] = task.score_stream(out.pop("nll_sum"), out.pop("n_tokens"), out.pop("buckets", None))
         seen = len(prompt_ids) - 1  # the stream's last token is only scored, never fed
     else:
         new = out.pop("new_tokens")
@@ -449,6 +496,8 @@ def _summarize(cfg, task, source, recs: list[dict], status: str, error: str | No
 
 def print_summary(s: dict) -> None:
     def fmt(v):
+        if isinstance(v, list):  # per-bucket figures of a stream
+            return "[" + ", ".join(map(fmt, v)) + "]"
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
     data = s["data"]

@@ -4,7 +4,10 @@ same samples, and write markdown, CSV and PNG per table plus an index (results/R
     python -m buzz.tables run summarization --model tiny-llama --limit 2 --policies window,h2o --budgets 0.5
     python -m buzz.tables render all                  # rebuild every table from stored records, runs nothing
 
-Tables are defined in experiments/<name>.yaml (tasks, policies, budgets, reference policy, profiles). Relative
+Tables are defined in experiments/<name>.yaml (tasks, policies, budgets, reference policy, profiles); a policy entry
+may carry cache overrides (`{policy: streaming_llm, overrides: {positions: in_cache}}`, or on the command line
+`streaming_llm[positions=in_cache]`, the label its runs get in the tables). `streaming` (perplexity per position
+bucket of one long stream) and `passkey` (accuracy by context length x depth) have builders of their own. Relative
 figures (ROUGE-L, QA accuracy and perplexity relative to the reference) come with a 95% paired bootstrap interval
 over documents: documents are resampled with replacement, with the same indices for the policy and the reference,
 and the statistic is a ratio of means (of exp(token-weighted mean NLL) for perplexity).
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 CONFIGS = REPO / "configs"
-TABLES = ("summarization", "qa", "ppl", "memory")
+TABLES = ("summarization", "qa", "ppl", "memory", "streaming", "passkey")
 N_BOOT = 2000
 SEED = 0
 LEVEL = 0.95
@@ -104,6 +107,49 @@ def _variant(params: dict, defaults: dict, ignored: set[str]) -> str:
 
 def _label(name: str, variant: str) -> str:
     return f"{name}[{variant}]" if variant else name
+
+
+def _override_value(v: Any) -> str:
+    """A YAML value as a Hydra command-line value."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def policy_entry(p: str | dict) -> tuple[str, dict[str, Any]]:
+    """(cache config name, cache overrides) of a table's policy: `name`, `name[key=value,...]` (the label the tables
+    give a run whose cache settings differ from the config file's), or `{policy: name, overrides: {key: value}}`."""
+    if isinstance(p, dict):
+        if "policy" not in p or set(p) - {"policy", "overrides"}:
+            raise SystemExit(
+                f"error: policy entry {p!r} is invalid; allowed: {{policy: name, overrides: {{key: value}}}}"
+            )
+        return str(p["policy"]), dict(p.get("overrides") or {})
+    name, _, rest = str(p).partition("[")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.rstrip("]").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: policy {p!r} is invalid; allowed: name or name[key=value,...]")
+        overrides[key.strip()] = value.strip()
+    return name.strip(), overrides
+
+
+def entry_label(name: str, overrides: dict[str, Any]) -> str:
+    """The policy label runs of this entry get in the tables (cf. `_variant`)."""
+    return _label(name, ",".join(f"{k}={v}" for k, v in sorted(overrides.items())))
+
+
+def split_policies(value: str | None) -> list[str] | None:
+    """A --policies list: commas or spaces between entries, not inside an entry's [key=value,...]."""
+    items, depth, cur = [], 0, ""
+    for ch in value or "":
+        depth += (ch == "[") - (ch == "]")
+        if ch in ", " and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items = [i for i in [*items, cur] if i]
+    return items or None
 
 
 def _read_samples(path: Path) -> list[dict]:
@@ -216,11 +262,12 @@ class Spec:
     title: str
     builder: str
     tasks: list[dict]
-    policies: list[str]
+    policies: list[str | dict]  # names, name[key=value,...], or {policy: name, overrides: {...}}
     budgets: list[float]
     reference: str
     profiles: dict[str, dict]
     jobs_from: str | None = None
+    trained_context: dict[str, int] | None = None  # model -> tokens, where records do not say
 
     @classmethod
     def load(cls, name: str, directory: Path = EXPERIMENTS) -> Spec:
@@ -236,11 +283,17 @@ class Spec:
             else []), budgets=d.get("budgets") or (base.budgets if base else []),
             reference=d.get("reference") or (base.reference if base else "full"),
             profiles=d.get("profiles") or (base.profiles if base else {}), jobs_from=d.get("jobs_from"),
+            trained_context=d.get("trained_context"),
         )  # fmt: skip
 
     @property
     def task_names(self) -> list[str]:
         return list(dict.fromkeys(t["task"] for t in self.tasks))
+
+    @property
+    def policy_labels(self) -> list[str]:
+        """The table's policies as run labels, reference first (their row order)."""
+        return list(dict.fromkeys([self.reference, *(entry_label(*policy_entry(p)) for p in self.policies)]))
 
 
 def _fmt_budget(b: Any) -> str:
@@ -253,21 +306,32 @@ def _fmt_budget(b: Any) -> str:
 
 
 def job_commands(
-    spec: Spec, model: str, limit: Any, policies: Sequence[str], budgets: Sequence[float], runs_dir: str,
+    spec: Spec, model: str, limit: Any, policies: Sequence[str | dict], budgets: Sequence[float], runs_dir: str,
     device: str | None = None, logger: str = "none", extra: Sequence[str] = (), configs: Path = CONFIGS,
     python: str = sys.executable,
 ) -> tuple[list[list[str]], list[str]]:  # fmt: skip
     """Hydra multirun command lines for a table's jobs (per task entry: the budgeted policies x budgets, and the
-    fixed-size ones with the reference), and messages about skipped policies."""
+    fixed-size ones with the reference; policies with cache overrides in commands of their own, one per set of
+    overrides), and messages about skipped policies."""
     msgs = []
-    present = []
-    for p in dict.fromkeys([spec.reference, *policies]):
-        if (configs / "cache" / f"{p}.yaml").exists():
-            present.append(p)
-        else:
-            msgs.append(f"skip policy {p}: configs/cache/{p}.yaml does not exist (yet)")
-    budgeted = [p for p in present if _yaml(configs / "cache" / f"{p}.yaml").get("budget") is not None]
-    fixed = [p for p in present if p not in budgeted]
+    entries: dict[str, tuple[str, dict]] = {}
+    for p in [spec.reference, *policies]:
+        name, overrides = policy_entry(p)
+        entries.setdefault(entry_label(name, overrides), (name, overrides))
+    groups: dict[tuple, list[str]] = {}  # (budgeted, overrides) -> policy names
+    for label, (name, overrides) in entries.items():
+        path = configs / "cache" / f"{name}.yaml"
+        if not path.exists():
+            msgs.append(f"skip policy {label}: configs/cache/{name}.yaml does not exist (yet)")
+            continue
+        cfg = _yaml(path)
+        unknown = [k for k in overrides if k not in cfg]
+        if unknown:
+            msgs.append(f"skip policy {label}: {unknown[0]} is not a key of configs/cache/{name}.yaml (yet)")
+            continue
+        key = (cfg.get("budget") is not None, tuple((k, _override_value(v)) for k, v in sorted(overrides.items())))
+        groups.setdefault(key, []).append(name)
+    order = sorted(groups, key=lambda k: (not k[0], bool(k[1])))  # budgeted, then fixed; plain first (stable)
     cmds = []
     for t in spec.tasks:
         task_limit = limit.get(t["task"]) if isinstance(limit, dict) else limit
@@ -279,11 +343,14 @@ def job_commands(
         ]
         common += [f"device={device}"] if device else []
         common += list(extra)
-        if budgeted and budgets:
-            cmds.append([python, str(REPO / "run.py"), "-m", *common, f"cache={','.join(budgeted)}",
-                         f"cache.budget={','.join(_fmt_budget(b) for b in budgets)}"])  # fmt: skip
-        if fixed:
-            cmds.append([python, str(REPO / "run.py"), "-m", *common, f"cache={','.join(fixed)}"])
+        for budgeted, overrides in order:
+            if budgeted and not budgets:
+                continue
+            cmd = [python, str(REPO / "run.py"), "-m", *common, f"cache={','.join(groups[budgeted, overrides])}"]
+            cmd += [f"cache.{k}={v}" for k, v in overrides]
+            if budgeted:
+                cmd.append(f"cache.budget={','.join(_fmt_budget(b) for b in budgets)}")
+            cmds.append(cmd)
     return cmds, msgs
 
 
@@ -301,6 +368,8 @@ class Table:
     warnings: list[str]
     meta: dict
     reference: str = "full"
+    builder: str = ""  # streaming and passkey tables have their own markdown and plot
+    extra: dict = field(default_factory=dict)
 
 
 def _series(df: pd.DataFrame, key: str) -> pd.Series:
@@ -368,7 +437,7 @@ def _group_rows(df: pd.DataFrame, spec: Spec, reference: str, metrics: list[str]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    order = {p: i for i, p in enumerate([reference, *spec.policies])}
+    order = {p: i for i, p in enumerate([reference, *(policy_entry(p)[0] for p in spec.policies)])}
     out["_o"] = out["policy"].map(lambda p: order.get(p.split("[")[0], len(order)))
     out["_b"] = pd.to_numeric(out["budget"], errors="coerce").fillna(-1)
     out = out.sort_values(["task", "gold_position", "_o", "policy", "_b"], na_position="first", kind="stable")
@@ -382,6 +451,14 @@ def _exp(x: np.ndarray) -> np.ndarray:
 def build_table(spec: Spec, runs: Sequence[Run], model: str | None = None, policies: Sequence[str] | None = None,
                 budgets: Sequence[float] | None = None) -> Table:  # fmt: skip
     """Select the spec's runs (tasks, model; optional policy/budget filters) and aggregate them."""
+    mine, model, warn = select_runs(spec, runs, model, policies, budgets)
+    return BUILDERS.get(spec.builder, build_budget_table)(spec, mine, model, warn)
+
+
+def select_runs(spec: Spec, runs: Sequence[Run], model: str | None = None, policies: Sequence[str] | None = None,
+                budgets: Sequence[float] | None = None) -> tuple[list[Run], str | None, list[str]]:  # fmt: skip
+    """The spec's runs of one model (the given one, else the profile's when it has records, else the one with most
+    runs), optionally only some policies (names or labels) and budgets; and warnings about them."""
     warn: list[str] = []
     task_names = set(spec.task_names)
     mine = [r for r in runs if r.task_name in task_names]
@@ -413,8 +490,14 @@ def build_table(spec: Spec, runs: Sequence[Run], model: str | None = None, polic
     synthetic = sorted({r.task for r in mine if (r.summary.get("data") or {}).get("synthetic")})
     if synthetic:
         warn.append(f"{', '.join(synthetic)}: SYNTHETIC data (see the data lines above): not the real benchmark")
+    return mine, model, warn
+
+
+def build_budget_table(spec: Spec, mine: list[Run], model: str | None, warn: list[str]) -> Table:
+    """Quality per policy and budget (summarization, qa, ppl, memory)."""
     df = sample_frame(mine)
     ref = spec.reference
+    task_names = set(spec.task_names)
     b = spec.builder
     if b == "rouge":
         metrics = ["rouge1", "rouge2", "rougeL"]
@@ -438,7 +521,8 @@ def build_table(spec: Spec, runs: Sequence[Run], model: str | None = None, polic
                 "kv_ratio", "prefill_ms", "decode_ms", "tokens_per_s", "rel_rougeL"]  # fmt: skip
         label = "ROUGE-L relative to full"
     else:
-        raise ValueError(f"experiments/{spec.name}.yaml: builder={b} is unknown; allowed: rouge, qa, ppl, memory")
+        allowed = ", ".join(["rouge", "qa", "ppl", "memory", *BUILDERS])
+        raise ValueError(f"experiments/{spec.name}.yaml: builder={b} is unknown; allowed: {allowed}")
     frame = pd.DataFrame() if df.empty else _group_rows(df, spec, ref, metrics, rel, warn)
     if frame.empty:
         warn.append(f"no records for tasks {', '.join(sorted(task_names))}" + (f" and model {model}" if model else ""))
@@ -523,26 +607,9 @@ HEADERS = {
 
 
 def to_markdown(t: Table) -> str:
-    m = t.meta
-    lines = [f"# {t.title}", ""]
-    counts = ", ".join(map(str, m["samples_per_run"])) or "-"
-    lines += [f"- model: `{m['model']}`; {m['runs']} runs; samples per run: {counts}"]
-    for loc, d in m["data"].items():
-        kind = "SYNTHETIC" if d.get("synthetic") else "real" if d.get("synthetic") is False else "unknown"
-        lines.append(f"- data ({d['task']}): {kind}, {d.get('origin')} `{loc}`, split {d.get('split')}")
-    for r in m["rouge"]:
-        lines.append(f"- ROUGE: {r}")
-    for b in m["budget_definition"]:
-        lines.append(f"- budget: {b}; `-` = no budget (full, or a fixed-size policy)")
-    if t.relative:
-        stat = "ratio of exp(token-weighted mean NLL)" if t.relative == "rel_ppl" else "ratio of means"
-        lines.append(f"- {t.metric_label}: same samples paired by id; 95% paired bootstrap over documents "
-                     f"({N_BOOT} resamples, seed {SEED}), {stat}")  # fmt: skip
-    commits = ", ".join(m["record_commits"]) or "-"
-    lines.append(f"- records {m['records_from']} .. {m['records_to']}, commit(s) {commits}")
-    lines.append("")
-    if t.warnings:
-        lines += ["**Notes**", ""] + [f"- {w}" for w in t.warnings] + [""]
+    if t.builder in MARKDOWN:
+        return MARKDOWN[t.builder](t)
+    lines = _markdown_header(t)
     if t.frame.empty:
         lines.append("_No records._")
         return "\n".join(lines) + "\n"
@@ -567,13 +634,47 @@ def to_markdown(t: Table) -> str:
     return "\n".join(lines)
 
 
-def plot(t: Table, path: Path) -> None:
-    """Quality relative to full vs KV budget (memory: vs measured KV bytes relative to full), one line per policy,
-    full as a horizontal line, 95% bootstrap bands. Without a full run: the absolute metric, no bands."""
+def _markdown_header(t: Table, more: Sequence[str] = ()) -> list[str]:
+    """Title, what the records are (model, data, ROUGE, budget, pairing, `more`, dates and commits), notes."""
+    m = t.meta
+    lines = [f"# {t.title}", ""]
+    counts = ", ".join(map(str, m["samples_per_run"])) or "-"
+    lines += [f"- model: `{m['model']}`; {m['runs']} runs; samples per run: {counts}"]
+    for loc, d in m["data"].items():
+        kind = "SYNTHETIC" if d.get("synthetic") else "real" if d.get("synthetic") is False else "unknown"
+        lines.append(f"- data ({d['task']}): {kind}, {d.get('origin')} `{loc}`, split {d.get('split')}")
+    for r in m["rouge"]:
+        lines.append(f"- ROUGE: {r}")
+    for b in m["budget_definition"]:
+        lines.append(f"- budget: {b}; `-` = no budget (full, or a fixed-size policy)")
+    if t.relative:
+        stat = "ratio of exp(token-weighted mean NLL)" if t.relative == "rel_ppl" else "ratio of means"
+        lines.append(f"- {t.metric_label}: same samples paired by id; 95% paired bootstrap over documents "
+                     f"({N_BOOT} resamples, seed {SEED}), {stat}")  # fmt: skip
+    lines += [f"- {line}" for line in more]
+    commits = ", ".join(m["record_commits"]) or "-"
+    lines.append(f"- records {m['records_from']} .. {m['records_to']}, commit(s) {commits}")
+    lines.append("")
+    if t.warnings:
+        lines += ["**Notes**", ""] + [f"- {w}" for w in t.warnings] + [""]
+    return lines
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(t: Table, path: Path) -> None:
+    """Quality relative to full vs KV budget (memory: vs measured KV bytes relative to full), one line per policy,
+    full as a horizontal line, 95% bootstrap bands. Without a full run: the absolute metric, no bands."""
+    if t.builder in PLOTS:
+        return PLOTS[t.builder](t, path)
+    plt = _pyplot()
 
     f = t.frame
     panels = list(f.groupby(["task", "gold_position"], dropna=False, sort=False)) if not f.empty else []
@@ -632,6 +733,7 @@ def write_table(t: Table, out_dir: Path) -> list[Path]:
 
 def write_index(out_dir: Path) -> Path:
     """results/README.md: every table present in out_dir with its metadata (from the <name>.json beside it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Results",
         "",
@@ -658,6 +760,8 @@ def write_index(out_dir: Path) -> Path:
             lines.append(f"- ROUGE implementation: {r}")
         for b in m.get("budget_definition") or []:
             lines.append(f"- budget: {b}")
+        if m.get("plot"):
+            lines.append(f"- plot: {m['plot']}")
         lines.append(f"- records: {m.get('records_from')} .. {m.get('records_to')}, commit(s) "
                      f"{', '.join(m.get('record_commits') or []) or '-'}")  # fmt: skip
         if m.get("warnings"):
@@ -678,11 +782,14 @@ def render(names: Sequence[str], runs_dir: Path, out_dir: Path, model: str | Non
     for name in names:
         spec = Spec.load(name, experiments)
         t = build_table(spec, runs, model, policies, budgets)
+        tables.append(t)
+        if t.frame.empty:  # nothing to show: no files (a clone without such records keeps its results unchanged)
+            print(f"[tables] {name}: no records ({t.meta['model']}), not written")
+            continue
         paths = write_table(t, out_dir)
         print(f"[tables] {name}: {len(t.frame)} rows ({t.meta['model']}) -> {', '.join(str(p) for p in paths[:3])}")
         for w in t.warnings:
             print(f"[tables]   note: {w}")
-        tables.append(t)
     write_index(out_dir)
     return tables
 
@@ -708,6 +815,309 @@ def export(runs_dir: Path, to: Path) -> int:
         (dst / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         n += 1
     return n
+
+
+# ------------------------------------------------------------------------------------------------ streaming, passkey
+
+
+def _order_key(spec: Spec, policy: str) -> int:
+    """Row order: the spec's entries (labels), then other variants of its policies, then anything else."""
+    labels = spec.policy_labels
+    names = list(dict.fromkeys(policy_entry(p)[0] for p in labels))
+    if policy in labels:
+        return labels.index(policy)
+    base = policy.split("[")[0]
+    return len(labels) + (names.index(base) if base in names else len(names))
+
+
+def _sorted_rows(rows: list[dict], spec: Spec, keys: Sequence[str] = ()) -> pd.DataFrame:
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["_o"] = out["policy"].map(lambda p: _order_key(spec, p))
+    out["_b"] = pd.to_numeric(out["budget"], errors="coerce").fillna(-1)
+    out = out.sort_values(["task", "_o", "policy", "_b", *keys], kind="stable")
+    return out.drop(columns=["_o", "_b"]).reset_index(drop=True)
+
+
+def trained_context(spec: Spec, runs: Sequence[Run], model: str | None) -> int | None:
+    """The model's trained context: as the records' summaries say (model_max_positions), else the spec's map."""
+    found = sorted({int(r.summary["model_max_positions"]) for r in runs if r.summary.get("model_max_positions")})
+    if found:
+        return found[-1]
+    return (spec.trained_context or {}).get(model)
+
+
+def _tokens(n: float) -> str:
+    n = int(n)
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _bucket_cols(frame: pd.DataFrame, prefix: str = "ppl@") -> list[str]:
+    cols = [c for c in frame.columns if c.startswith(prefix)]
+    return sorted(cols, key=lambda c: tuple(int(x) for x in c[len(prefix) :].split("-")))
+
+
+def _bucket_bounds(col: str) -> tuple[int, int]:
+    a, b = col.split("@", 1)[1].split("-")
+    return int(a), int(b)
+
+
+def build_streaming_table(spec: Spec, mine: list[Run], model: str | None, warn: list[str]) -> Table:
+    """Perplexity per position bucket per policy (rows) from streaming-perplexity records (`bucket_*` metrics):
+    token-weighted over the streams of a run, bucket by bucket."""
+    rows = []
+    for r in mine:
+        recs = [s for s in r.samples if "bucket_nll_sum" in (s.get("metrics") or {})]
+        if len(recs) < len(r.samples):
+            warn.append(
+                f"{r.task} x {r.policy}: {len(r.samples) - len(recs)} samples without position buckets, left out"
+            )
+        layout = (recs[0]["metrics"]["bucket_start"], recs[0]["metrics"]["bucket_tokens"]) if recs else None
+        same = [s for s in recs if (s["metrics"]["bucket_start"], s["metrics"]["bucket_tokens"]) == layout]
+        if len(same) < len(recs):
+            warn.append(f"{r.task} x {r.policy}: {len(recs) - len(same)} streams with other buckets, left out")
+        if not same:
+            continue
+        nll = np.sum([s["metrics"]["bucket_nll_sum"] for s in same], axis=0)
+        count = np.sum([s["metrics"]["bucket_tokens"] for s in same], axis=0)
+        tokens = sum(s["metrics"]["n_tokens"] for s in same)
+        row = {
+            "task": r.task, "policy": r.policy, "budget": r.budget, "n": len(same), "tokens": tokens,
+            "ppl": math.exp(sum(s["metrics"]["nll_sum"] for s in same) / tokens),
+            "kv_mean": float(np.mean([s.get("kv_tokens_mean", math.nan) for s in same])),
+            "kv_peak": float(np.mean([s.get("kv_tokens_peak", math.nan) for s in same])),
+        }  # fmt: skip
+        kv = [s.get("bucket_kv_tokens_mean") for s in same]
+        for k, (start, n_tok) in enumerate(zip(*layout)):
+            row[f"ppl@{start}-{start + n_tok}"] = math.exp(nll[k] / count[k])
+        for k, (start, n_tok) in enumerate(zip(*layout)):
+            row[f"kv@{start}-{start + n_tok}"] = float(np.mean([v[k] for v in kv])) if all(kv) else math.nan
+        rows.append(row)
+    frame = _sorted_rows(rows, spec)
+    if frame.empty:
+        warn.append(
+            f"no streaming records for tasks {', '.join(spec.task_names)}" + (f" and model {model}" if model else "")
+        )
+    else:
+        ppl_cols, kv_cols = _bucket_cols(frame), _bucket_cols(frame, "kv@")
+        frame = frame[["task", "policy", "budget", "n", "tokens", "ppl", "kv_mean", "kv_peak", *ppl_cols, *kv_cols]]
+    frame.insert(0, "model", model)
+    ctx = trained_context(spec, mine, model)
+    meta = table_meta(spec, mine, model) | {
+        "trained_context": ctx, "plot": "perplexity per position bucket vs tokens seen, one line per policy"
+        + (f", the trained context ({ctx}) marked" if ctx else ""),
+    }  # fmt: skip
+    cols = ["task", "policy", "budget", "n", "ppl", "kv_mean"]
+    label = "perplexity per position bucket (lower is better)"
+    return Table(spec.name, spec.title, frame, cols, None, label, list(dict.fromkeys(warn)), meta, spec.reference,
+                 "streaming", {"trained_context": ctx})  # fmt: skip
+
+
+def streaming_markdown(t: Table) -> str:
+    ctx = t.extra.get("trained_context")
+    more = [
+        "columns: perplexity of the tokens at stream positions [start, end), each predicted after that many tokens "
+        "of the one stream had gone through the cache (the first bucket starts after the prefix); `ppl` = all of them",
+        "every policy at the same int budget (tokens stored after each step); `full` keeps every token",
+    ]
+    if ctx:
+        more.append(
+            f"trained context of `{t.meta['model']}`: {ctx} tokens; † = a bucket reaching past it (RoPE positions "
+            "the model never saw in training, for a cache that keeps absolute positions)"
+        )
+    lines = _markdown_header(t, more)
+    for task, g in t.frame.groupby("task", sort=False):
+        buckets = [c for c in _bucket_cols(g) if g[c].notna().any()]
+        heads = [HEADERS.get(c, c) for c in t.markdown_columns if c != "task"]
+        for c in buckets:
+            a, b = _bucket_bounds(c)
+            heads.append(f"{_tokens(a)}–{_tokens(b)}" + (" †" if ctx and b > ctx else ""))
+        lines += [f"## {task}", "", "| " + " | ".join(heads) + " |"]
+        lines.append("|---|" + "|".join("---:" for _ in heads[1:]) + "|")
+        for _, row in g.iterrows():
+            cells = [_cell(row.get(c), c) for c in t.markdown_columns if c != "task"]
+            cells += [_cell(row[c], "ppl") for c in buckets]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def streaming_plot(t: Table, path: Path) -> None:
+    """Perplexity per bucket vs tokens seen (a step per bucket), one line per policy, log y, the trained context as
+    a vertical line."""
+    plt = _pyplot()
+    groups = list(t.frame.groupby("task", sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.2), squeeze=False)
+    ctx = t.extra.get("trained_context")
+    for ax, (task, g) in zip(axes[0], groups):
+        buckets = [c for c in _bucket_cols(g) if g[c].notna().any()]
+        bounds = [_bucket_bounds(c) for c in buckets]
+        xs = [a for a, _ in bounds] + [bounds[-1][1]]
+        for _, row in g.iterrows():
+            ys = row[buckets].to_numpy(float)
+            label = row["policy"] + (f" ({_fmt_budget(row['budget'])})" if row["budget"] is not None else "")
+            style = {"color": "black", "linestyle": "--"} if row["policy"] == t.reference else {}
+            ax.step(xs, [*ys, ys[-1]], where="post", label=label, linewidth=1.3, **style)
+        if ctx:
+            ax.axvline(ctx, color="grey", linestyle=":", linewidth=1.2, label=f"trained context ({ctx})")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens seen (stream position)")
+        ax.set_ylabel("perplexity of the bucket", fontsize=8)
+        ax.set_title(str(task), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{t.title} ({t.meta['model']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _passkey_axes(rec: dict) -> tuple[int | None, float | None]:
+    """(requested context length, key depth) of a passkey record: its fields, else its per-length and per-depth
+    metric keys (records from before the fields existed)."""
+    length, depth = rec.get("length"), rec.get("depth")
+    for key in rec.get("metrics") or {}:
+        if length is None and key.startswith("accuracy@") and key[9:].isdigit():
+            length = int(key[9:])
+        elif depth is None and key.startswith("accuracy@depth"):
+            depth = float(key[14:])
+    return length, depth
+
+
+def build_passkey_table(spec: Spec, mine: list[Run], model: str | None, warn: list[str]) -> Table:
+    """Passkey accuracy per policy x context length x key depth (one row each)."""
+    rows = []
+    for r in mine:
+        for s in r.samples:
+            length, depth = _passkey_axes(s)
+            if length is None or depth is None or "accuracy" not in (s.get("metrics") or {}):
+                warn.append(f"{r.task} x {r.policy}: sample {s.get('id')} has no length/depth/accuracy, left out")
+                continue
+            rows.append({
+                "task": r.task, "policy": r.policy, "budget": r.budget, "length": length, "depth": depth,
+                "accuracy": s["metrics"]["accuracy"], "kv_mean": s.get("kv_tokens_mean", math.nan),
+                "kv_peak": s.get("kv_tokens_peak", math.nan), "prompt_tokens": s.get("prompt_tokens"),
+            })  # fmt: skip
+    df = pd.DataFrame(rows)
+    cols = ["task", "policy", "budget", "length", "depth", "n", "accuracy", "kv_mean", "kv_peak", "prompt_tokens"]
+    if df.empty:
+        warn.append(
+            f"no passkey records for tasks {', '.join(spec.task_names)}" + (f" and model {model}" if model else "")
+        )
+        frame = pd.DataFrame(columns=cols)
+    else:
+        df["_budget"] = df["budget"].map(_fmt_budget)
+        keys = ["task", "policy", "_budget", "length", "depth"]
+        grouped = []
+        for _, g in df.groupby(keys, sort=False, dropna=False):
+            first = g.iloc[0]
+            grouped.append({"task": first["task"], "policy": first["policy"], "budget": first["budget"],
+                            "length": int(first["length"]), "depth": float(first["depth"]), "n": len(g),
+                            "accuracy": g["accuracy"].mean(), "kv_mean": g["kv_mean"].mean(),
+                            "kv_peak": g["kv_peak"].mean(), "prompt_tokens": g["prompt_tokens"].mean()})  # fmt: skip
+        frame = _sorted_rows(grouped, spec, ["length", "depth"])[cols]
+    frame.insert(0, "model", model)
+    ctx = trained_context(spec, mine, model)
+    meta = table_meta(spec, mine, model) | {
+        "trained_context": ctx, "plot": "accuracy per context length (columns) and key depth (rows), one panel per "
+        "policy; SYNTHETIC prompts",
+    }  # fmt: skip
+    label = "passkey accuracy"
+    return Table(spec.name, spec.title, frame, cols, None, label, list(dict.fromkeys(warn)), meta, spec.reference,
+                 "passkey", {"trained_context": ctx})  # fmt: skip
+
+
+def _passkey_groups(frame: pd.DataFrame):
+    """(task, policy, budget, rows) per policy and budget, in the frame's order."""
+    f = frame.assign(_budget=frame["budget"].map(_fmt_budget))
+    for (task, policy, _), g in f.groupby(["task", "policy", "_budget"], sort=False):
+        yield task, policy, g["budget"].iloc[0], g
+
+
+def passkey_markdown(t: Table) -> str:
+    ctx = t.extra.get("trained_context")
+    more = [
+        "**SYNTHETIC data**: filler text with a 5-digit key at a given depth, generated from a seed "
+        "(buzz/tasks/passkey.py), not a downloaded benchmark",
+        "accuracy: the key appears in the answer; length = the prompt's tokens as requested (the prompt lands within "
+        "a few tokens), depth = where the key sits in the filler (0 = start, 1 = end)",
+        "every policy at the same int budget (tokens stored after each forward); `full` keeps every token",
+    ]
+    if ctx:
+        more.append(f"trained context of `{t.meta['model']}`: {ctx} tokens; † = a length past it")
+    lines = _markdown_header(t, more)
+
+    def head(n: int) -> str:
+        return _tokens(n) + (" †" if ctx and n > ctx else "")
+
+    for task, g in t.frame.groupby("task", sort=False):
+        lengths = sorted(g["length"].unique())
+        lines += [f"## {task}", "", "Accuracy by context length (all depths):", ""]
+        lines.append("| policy | budget | n | all | " + " | ".join(head(n) for n in lengths) + " |")
+        lines.append("|---|" + "|".join("---:" for _ in range(3 + len(lengths))) + "|")
+        grids = []
+        for _, policy, budget, p in _passkey_groups(g):
+            acc = (p["accuracy"] * p["n"]).groupby(p["length"]).sum() / p["n"].groupby(p["length"]).sum()
+            total = float((p["accuracy"] * p["n"]).sum() / p["n"].sum())
+            cells = [policy, _fmt_budget(budget), str(int(p["n"].sum())), f"{total:.2f}"]
+            lines.append("| " + " | ".join(cells + [f"{acc[n]:.2f}" if n in acc else "-" for n in lengths]) + " |")
+            grid = p.pivot_table(index="depth", columns="length", values="accuracy", aggfunc="mean")
+            grids.append((policy, budget, grid))
+        lines.append("")
+        for policy, budget, grid in grids:
+            lines += [f"### {policy}, budget {_fmt_budget(budget)}: accuracy by depth (rows) and length", ""]
+            lines.append("| depth | " + " | ".join(head(n) for n in lengths) + " |")
+            lines.append("|---:|" + "|".join("---:" for _ in lengths) + "|")
+            for depth, r in grid.iterrows():
+                vals = [f"{r[n]:.2f}" if n in r and not math.isnan(r[n]) else "-" for n in lengths]
+                lines.append(f"| {depth:g} | " + " | ".join(vals) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def passkey_plot(t: Table, path: Path) -> None:
+    """One heat map per task x policy x budget: accuracy by key depth (rows) and context length (columns)."""
+    plt = _pyplot()
+    panels = list(_passkey_groups(t.frame))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.4 * ncols + 1.0, 2.8 * nrows + 0.8), squeeze=False, layout="constrained"
+    )
+    several = t.frame["task"].nunique() > 1
+    ctx = t.extra.get("trained_context")
+    image = None
+    for ax, (task, policy, budget, p) in zip(axes.flat, panels):
+        grid = p.pivot_table(index="depth", columns="length", values="accuracy", aggfunc="mean")
+        image = ax.imshow(grid.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid.to_numpy(float)):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_xticks(range(len(grid.columns)), [_tokens(n) for n in grid.columns], fontsize=7)
+        ax.set_yticks(range(len(grid.index)), [f"{d:g}" for d in grid.index], fontsize=7)
+        past = [j for j, n in enumerate(grid.columns) if ctx and n > ctx]
+        if past:
+            ax.axvline(past[0] - 0.5, color="red", linewidth=1.5)
+        ax.set_title(f"{policy} ({_fmt_budget(budget)})" + (f"\n{task}" if several else ""), fontsize=8)
+        ax.set_xlabel("context length (tokens)", fontsize=7)
+        ax.set_ylabel("key depth", fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    note = f"\nred line: the model's trained context ({ctx} tokens)" if ctx else ""
+    fig.suptitle(f"{t.title} ({t.meta['model']}){note}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BUILDERS: dict[str, Callable[[Spec, list[Run], str | None, list[str]], Table]] = {
+    "streaming": build_streaming_table,
+    "passkey": build_passkey_table,
+}
+MARKDOWN: dict[str, Callable[[Table], str]] = {"streaming": streaming_markdown, "passkey": passkey_markdown}
+PLOTS: dict[str, Callable[[Table, Path], None]] = {"streaming": streaming_plot, "passkey": passkey_plot}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -738,7 +1148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--runs-dir", default=None, help="records root (default <output>/runs)")
         p.add_argument("--model", default=None, help="model config name (default: the profile's)")
         p.add_argument("--profile", default="default", help="default | paper (experiments/<table>.yaml profiles)")
-        p.add_argument("--policies", default=None, help="comma list (run: default the table's; render: all found)")
+        p.add_argument(
+            "--policies",
+            default=None,
+            help="comma list, name[key=value] for cache overrides (run: default the table's; render: all found)",
+        )
         p.add_argument("--budgets", default=None, help="comma list (run: default the table's; render: all found)")
         if cmd == "run":
             p.add_argument("--limit", default=None, help="samples per job (default: the profile's); null = all")
@@ -754,7 +1168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(a.output)
     runs_dir = Path(a.runs_dir) if a.runs_dir else out_dir / "runs"
     names = _names(a.tables)
-    policies, budgets = _list(a.policies), _list(a.budgets)
+    policies, budgets = split_policies(a.policies), _list(a.budgets)
     budgets_f = [float(b) for b in budgets] if budgets else None
     status = 0
     if a.cmd == "run":

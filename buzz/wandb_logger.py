@@ -25,6 +25,10 @@ def validate_logger_cfg(cfg: Mapping) -> None:
         raise ValueError(f"logger.mode={cfg.get('mode')} is invalid; allowed: {', '.join(LOGGER_MODES)}")
 
 
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str)) or v is None
+
+
 class RunLogger:
     def __init__(self, cfg: Mapping, run_name: str, config: dict, run_dir: Path) -> None:
         self.run = None
@@ -51,8 +55,8 @@ class RunLogger:
     def log_sample(self, record: dict[str, Any]) -> None:
         if self.run is None:
             return
-        row = {k: v for k, v in record.items() if isinstance(v, (int, float, str)) or v is None}
-        row |= {f"metric/{k}": v for k, v in record.get("metrics", {}).items()}
+        row = {k: v for k, v in record.items() if _scalar(v)}
+        row |= {f"metric/{k}": v for k, v in record.get("metrics", {}).items() if _scalar(v)}  # no per-bucket lists
         self.rows.append(row)
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -60,7 +64,7 @@ class RunLogger:
             return
         try:
             flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
-            flat |= {f"metric/{k}": v for k, v in summary.get("metrics", {}).items()}
+            flat |= {f"metric/{k}": v for k, v in summary.get("metrics", {}).items() if _scalar(v)}
             self.run.summary.update(flat)
             if self.rows:
                 columns = sorted({k for r in self.rows for k in r})

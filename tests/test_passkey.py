@@ -93,5 +93,6 @@ def test_tiny_llama_job_with_cascading_cache(tmp_path):
     assert len(records) == 2
     for rec in records:
         assert rec["reference"]["synthetic"] is True
+        assert (rec["length"], rec["depth"]) == (256, 0.0)  # the passkey table's axes, kept when references are not
         assert abs(rec["prompt_tokens"] - 256) <= 13
         assert rec["kv_tokens_peak"] <= 64 and rec["kv_tokens_after_prefill"] == 64

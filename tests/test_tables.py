@@ -19,9 +19,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(root: Path, task: str, policy: str, budget, samples: dict[str, dict], *, model: str = "m",
-              gold: int | None = None, cache_extra: dict | None = None, status: str = "done") -> Path:  # fmt: skip
-    """A run directory as the runner writes it: summary.json (config, data, status) and samples.jsonl."""
-    kind = "perplexity" if task == "wikitext" else "generate"
+              gold: int | None = None, cache_extra: dict | None = None, status: str = "done",
+              fields: dict[str, dict] | None = None, summary_extra: dict | None = None) -> Path:  # fmt: skip
+    """A run directory as the runner writes it: summary.json (config, data, status) and samples.jsonl. `fields`:
+    more record fields per sample id."""
+    kind = "perplexity" if task.startswith("wikitext") else "generate"
     task_cfg = {"name": task, "kind": kind} | ({"gold_position": gold} if gold is not None else {})
     cache_cfg = {"name": policy, "budget": budget} | (cache_extra or {})
     parent = root / task / model
@@ -29,18 +31,18 @@ def write_run(root: Path, task: str, policy: str, budget, samples: dict[str, dic
     d.mkdir(parents=True)
     summary = {
         "status": status, "n": len(samples), "task": task, "model": model, "cache": policy, "budget": budget,
-        "data": {"origin": "offline", "location": f"/data/{task}.jsonl", "split": "test", "synthetic": task == "qa10",
-                 "note": ""},
+        "data": {"origin": "offline", "location": f"/data/{task}.jsonl", "split": "test",
+                 "synthetic": task in ("qa10", "passkey"), "note": ""},
         "metric_info": {"rouge": "rouge_score", "rouge_description": "test"} if task in ("xsum", "cnn_dm") else {},
         "config": {"model": {"name": model}, "task": task_cfg, "cache": cache_cfg, "seed": 0},
         "environment": {"git_commit": "abc123"},
-    }  # fmt: skip
+    } | (summary_extra or {})  # fmt: skip
     (d / "summary.json").write_text(json.dumps(summary))
     with (d / "samples.jsonl").open("w") as f:
         for sid, metrics in samples.items():
             rec = {"id": sid, "prompt_tokens": 100, "metrics": metrics, "kv_tokens_mean": 50.0, "kv_tokens_peak": 60,
                    "kv_bytes_peak": 600, "kv_bytes_full": 1000, "prefill_ms": 1.0, "decode_ms_per_step": 2.0,
-                   "batch_tokens_per_s": 3.0}  # fmt: skip
+                   "batch_tokens_per_s": 3.0} | (fields or {}).get(sid, {})  # fmt: skip
             f.write(json.dumps(rec) + "\n")
     return d
 
@@ -98,6 +100,18 @@ def test_render_all_from_fixture(tmp_path):
     assert (budgeted["rel_ppl"] <= budgeted["rel_ppl_hi"] + 1e-12).all()
     mem = pd.read_csv(out / "memory.csv")
     assert {"kv_mean", "kv_peak", "kv_bytes_peak", "kv_ratio", "prefill_ms", "decode_ms"} <= set(mem.columns)
+    stream = pd.read_csv(out / "streaming.csv")
+    assert list(stream["policy"]) == ["full", "streaming_llm", "cascading", "h2o", "buzz", "streaming_llm[sink=2]"]
+    buckets = ["ppl@32-128", "ppl@128-256", "ppl@256-384", "ppl@384-512"]
+    assert buckets == [c for c in stream.columns if c.startswith("ppl@")] and (stream[buckets] > 1).all().all()
+    assert (stream["tokens"] == 480).all() and (stream.loc[stream["policy"] != "full", "kv_peak"] <= 64).all()
+    md = (out / "streaming.md").read_text()
+    assert "| 32–128 | 128–256 | 256–384 † | 384–512 † |" in md and "trained context of `tiny-llama`: 256" in md
+    passkey = pd.read_csv(out / "passkey.csv")
+    assert set(passkey["length"]) == {128, 384} and set(passkey["depth"]) == {0.0, 1.0} and (passkey["n"] == 1).all()
+    assert set(passkey["policy"]) == {"full", "streaming_llm", "h2o", "cascading"}
+    md = (out / "passkey.md").read_text()
+    assert "SYNTHETIC" in md.splitlines()[0] and "**SYNTHETIC data**" in md and "| 128 | 384 † |" in md
     readme = (out / "README.md").read_text()
     for name in tables.TABLES:
         assert f"({name}.md)" in readme and f"({name}.png)" in readme
@@ -161,12 +175,18 @@ def test_missing_full_is_reported_not_fatal(tmp_path):
     tables.write_index(tmp_path / "out")
 
 
-def test_no_records_at_all(tmp_path):
+def test_no_records_at_all(tmp_path, capsys):
+    """A table without rows is not written (a clone without such records keeps its results as they are); the
+    index says there are none. Markdown still says so where a table is built by hand."""
     got = render(list(tables.TABLES), tmp_path / "nothing", tmp_path / "out")
+    assert [t.name for t in got] == list(tables.TABLES)
+    printed = capsys.readouterr().out
     for t in got:
         assert t.frame.empty
-        assert "_No records._" in (tmp_path / "out" / f"{t.name}.md").read_text()
-    assert (tmp_path / "out" / "README.md").exists()
+        assert f"[tables] {t.name}: no records (smollm2-135m), not written" in printed
+        assert not list((tmp_path / "out").glob(f"{t.name}.*"))
+    assert "_No tables yet._" in (tmp_path / "out" / "README.md").read_text()
+    assert "_No records._" in tables.to_markdown(got[0])
 
 
 def test_qa_relative_per_gold_position(tmp_path):
@@ -297,3 +317,165 @@ def test_export_then_render_is_byte_identical(tmp_path):
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) >= 4 * 4 + 1
     for name in outs[0]:
         assert outs[0][name] == outs[1][name], name
+
+
+def test_committed_tables_rerender_byte_identical(tmp_path):
+    """`make tables-render` on the committed records re-creates every committed table, plot and the index byte for
+    byte, and writes nothing for a table without records (e.g. listed policies or tables not run yet)."""
+    records, results = tables.REPO / "results" / "records", tables.REPO / "results"
+    if not records.is_dir():
+        pytest.skip("no committed records")
+    render(list(tables.TABLES), records, tmp_path)
+    produced = sorted(p.name for p in tmp_path.iterdir())
+    committed = sorted(p.name for p in results.iterdir() if p.stem in tables.TABLES or p.name == "README.md")
+    assert produced == committed
+    for name in produced:
+        assert (tmp_path / name).read_bytes() == (results / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------------------------ streaming, passkey
+
+
+def stream_metrics(bucket_nll: list[float], starts=(4, 8), counts=(4, 8)) -> dict:
+    return {"nll_sum": sum(bucket_nll), "n_tokens": sum(counts), "ppl": 0.0, "bucket_start": list(starts),
+            "bucket_tokens": list(counts), "bucket_nll_sum": bucket_nll}  # fmt: skip
+
+
+def test_streaming_table_hand_computed(tmp_path):
+    kv = {"s0": {"bucket_kv_tokens_mean": [6.0, 10.0]}, "s1": {"bucket_kv_tokens_mean": [6.0, 12.0]}}
+    full = {"s0": stream_metrics([4.0, 8.0]), "s1": stream_metrics([8.0, 16.0])}
+    win = {"s0": stream_metrics([4.0, 16.0]), "s1": stream_metrics([8.0, 24.0])}
+    extra = {"summary_extra": {"model_max_positions": 8}}
+    write_run(tmp_path, "wikitext_stream", "full", None, full, fields=kv, **extra)
+    write_run(tmp_path, "wikitext_stream", "streaming_llm", 6, win, fields=kv, **extra)
+    write_run(tmp_path, "wikitext_stream", "streaming_llm", 6, full, cache_extra={"sink": 2}, **extra)
+    write_run(tmp_path, "wikitext_stream", "h2o", 6, win | {"s2": {"nll_sum": 1.0, "n_tokens": 12}}, **extra)
+    runs, _ = load_runs(tmp_path)
+    t = build_table(Spec.load("streaming"), runs)
+    f = t.frame.set_index("policy")
+    assert list(f.index) == ["full", "streaming_llm", "h2o", "streaming_llm[sink=2]"]  # the spec's order, then variants
+    assert f.loc["full", "ppl@4-8"] == pytest.approx(math.exp(12 / 8))  # token-weighted over the two streams
+    assert f.loc["streaming_llm", "ppl@8-16"] == pytest.approx(math.exp(40 / 16))
+    assert f.loc["streaming_llm", "ppl"] == pytest.approx(math.exp(52 / 24)) and f.loc["full", "tokens"] == 24
+    assert f.loc["streaming_llm[sink=2]", "ppl@8-16"] == pytest.approx(math.exp(24 / 16))
+    assert f.loc["full", "kv@8-16"] == 11.0 and math.isnan(f.loc["streaming_llm[sink=2]", "kv@8-16"])
+    assert f.loc["h2o", "n"] == 2 and any("1 samples without position buckets" in w for w in t.warnings)
+    paths = tables.write_table(t, tmp_path / "out")
+    md = paths[0].read_text()
+    assert "| policy | budget | n | ppl | KV tokens (mean) | 4–8 | 8–16 † |" in md
+    assert "| streaming_llm | 6 | 2 | 8.7 | 50.0 | 4.5 | 12.2 |" in md
+    assert paths[2].read_bytes()[:8] == PNG_MAGIC
+    assert json.loads(paths[3].read_text())["trained_context"] == 8
+    # Without model_max_positions in the records: the spec's map for the model, else none.
+    for d in tmp_path.glob("wikitext_stream/m/*"):
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "model_max_positions"}))
+    runs, _ = load_runs(tmp_path)
+    assert build_table(Spec.load("streaming"), runs).extra["trained_context"] is None
+    spec = Spec.load("streaming")
+    spec.trained_context = {"m": 4}
+    assert "| 4–8 † | 8–16 † |" in tables.to_markdown(build_table(spec, runs))
+
+
+def test_passkey_table_hand_computed(tmp_path):
+    def rec(length: int, depth: float, hit: float, old: bool = False) -> tuple[dict, dict]:
+        metrics = {"accuracy": hit, f"accuracy@{length}": hit, f"accuracy@depth{depth:g}": hit}
+        return metrics, ({} if old else {"length": length, "depth": depth})
+
+    grid = {"a": rec(2048, 0.0, 1.0), "b": rec(2048, 0.0, 0.0), "c": rec(2048, 1.0, 1.0), "d": rec(16384, 0.5, 0.0),
+            "e": rec(16384, 0.5, 1.0, old=True)}  # "e": a record from before length/depth were fields  # fmt: skip
+    samples, fields = {k: v[0] for k, v in grid.items()}, {k: v[1] for k, v in grid.items()}
+    write_run(tmp_path, "passkey", "full", None, samples, fields=fields)
+    write_run(tmp_path, "passkey", "cascading", 1024, {k: {**m, "accuracy": 0.0} for k, m in samples.items()},
+              fields=fields)  # fmt: skip
+    runs, _ = load_runs(tmp_path)
+    t = build_table(Spec.load("passkey"), runs, model="m")
+    f = t.frame.set_index(["policy", "length", "depth"])
+    assert f.loc[("full", 2048, 0.0), "accuracy"] == 0.5 and f.loc[("full", 2048, 0.0), "n"] == 2
+    assert f.loc[("full", 16384, 0.5), "accuracy"] == 0.5 and f.loc[("full", 16384, 0.5), "n"] == 2
+    assert (t.frame.loc[t.frame["policy"] == "cascading", "accuracy"] == 0).all()
+    assert list(t.frame["policy"].unique()) == ["full", "cascading"] and t.extra["trained_context"] is None
+    paths = tables.write_table(t, tmp_path / "out")
+    md = paths[0].read_text()
+    assert md.startswith("# Passkey retrieval accuracy by context length and depth (SYNTHETIC prompts)")
+    assert "**SYNTHETIC data**" in md and "| policy | budget | n | all | 2k | 16k |" in md
+    assert "| full | - | 5 | 0.60 | 0.67 | 0.50 |" in md and "| cascading | 1024 | 5 | 0.00 | 0.00 | 0.00 |" in md
+    assert "### full, budget -: accuracy by depth (rows) and length" in md and "| 0.5 | - | 0.50 |" in md
+    assert paths[2].read_bytes()[:8] == PNG_MAGIC
+    csv = pd.read_csv(paths[1])
+    assert list(csv.columns[:8]) == ["model", "task", "policy", "budget", "n", "length", "depth", "accuracy"]
+    tables.write_index(tmp_path / "out")
+    assert "SYNTHETIC" in (tmp_path / "out" / "README.md").read_text()
+    # The model's trained context marks the longer prompts.
+    spec = Spec.load("passkey")
+    spec.trained_context = {"m": 8192}
+    assert "| policy | budget | n | all | 2k | 16k † |" in tables.to_markdown(build_table(spec, runs, model="m"))
+
+
+def test_policy_entries():
+    assert tables.policy_entry("h2o") == ("h2o", {})
+    assert tables.policy_entry("streaming_llm[sink=2,positions=in_cache]") == (
+        "streaming_llm", {"sink": "2", "positions": "in_cache"}
+    )  # fmt: skip
+    assert tables.policy_entry({"policy": "buzz", "overrides": {"sink": 8}}) == ("buzz", {"sink": 8})
+    assert tables.entry_label("streaming_llm", {"sink": 2, "positions": "in_cache"}) == (
+        "streaming_llm[positions=in_cache,sink=2]"
+    )  # fmt: skip
+    assert tables.split_policies("full,streaming_llm[sink=2,window=3] h2o") == [
+        "full", "streaming_llm[sink=2,window=3]", "h2o"
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="invalid"):
+        tables.policy_entry("h2o[recent]")
+    assert Spec.load("streaming").policy_labels[:3] == ["full", "streaming_llm", "streaming_llm[positions=in_cache]"]
+
+
+def test_job_commands_with_cache_overrides(tmp_path):
+    configs = tmp_path / "configs"
+    (configs / "cache").mkdir(parents=True)
+    (configs / "cache" / "full.yaml").write_text("name: full\nbudget: null\n")
+    (configs / "cache" / "streaming_llm.yaml").write_text("name: streaming_llm\nbudget: 0.5\nsink: 4\n")
+    (configs / "cache" / "h2o.yaml").write_text("name: h2o\nbudget: 0.5\nrecent: 0.5\n")
+    spec = Spec.load("streaming")
+    in_cache = {"policy": "streaming_llm", "overrides": {"positions": "in_cache"}}
+    policies = ["streaming_llm", {"policy": "streaming_llm", "overrides": {"sink": 2}}, "h2o[sink=2]", in_cache,
+                "streaming_llm[sink=2]"]  # fmt: skip
+    cmds, msgs = job_commands(spec, "tiny-llama", 1, policies, [1024], "/r", configs=configs, python="py")
+    assert msgs == [
+        "skip policy h2o[sink=2]: sink is not a key of configs/cache/h2o.yaml (yet)",
+        "skip policy streaming_llm[positions=in_cache]: positions is not a key of configs/cache/streaming_llm.yaml "
+        "(yet)",
+    ]  # fmt: skip
+    tail = [c[c.index("-m") + 1 :] for c in cmds]
+    common = ["model=tiny-llama", "task=wikitext_stream", "limit=1", "logger=none", "output_dir=/r"]
+    assert tail == [
+        [*common, "cache=streaming_llm", "cache.budget=1024"],
+        [*common, "cache=streaming_llm", "cache.sink=2", "cache.budget=1024"],  # one command for both spellings
+        [*common, "cache=full"],
+    ]
+
+
+def test_default_streaming_and_passkey_commands(capsys):
+    """The run.py command lines `make table-streaming` / `make table-passkey` issue for the default profile. The
+    positions=in_cache entries run once configs/cache/<policy>.yaml has the key, and are skipped with a message
+    until then."""
+    assert tables.main(["run", "streaming", "passkey", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    budgeted = "cache=streaming_llm,cascading,h2o,buzz cache.budget=1024"
+    assert (
+        f"run.py -m model=smollm2-135m task=wikitext_stream limit=1 logger=none output_dir=results/runs {budgeted}"
+        in out
+    )
+    assert (
+        "run.py -m model=smollm2-135m task=wikitext_stream limit=1 logger=none output_dir=results/runs cache=full"
+        in out
+    )
+    budgeted = "cache=streaming_llm,h2o,buzz,cascading cache.budget=1024"
+    assert f"run.py -m model=smollm2-135m task=passkey limit=null logger=none output_dir=results/runs {budgeted}" in out
+    for task, policies in (("wikitext_stream", "streaming_llm,cascading,buzz"), ("passkey", "streaming_llm,cascading")):
+        names = [p for p in policies.split(",") if "positions" in (tables.CONFIGS / "cache" / f"{p}.yaml").read_text()]
+        if names:
+            assert (
+                f"task={task} " in out and f"cache={','.join(names)} cache.positions=in_cache cache.budget=1024" in out
+            )
+        for p in set(policies.split(",")) - set(names):
+            assert f"skip policy {p}[positions=in_cache]: positions is not a key of configs/cache/{p}.yaml" in out

@@ -10,9 +10,9 @@ from buzz.tasks.base import DataSource, Sample, Task
 from buzz.tasks.passkey import Passkey
 from buzz.tasks.qa10 import QA10
 from buzz.tasks.summarization import CNNDailyMail, XSum
-from buzz.tasks.wikitext import Wikitext
+from buzz.tasks.wikitext import Wikitext, WikitextStream
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (XSum, CNNDailyMail, Wikitext, QA10, Passkey)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (XSum, CNNDailyMail, Wikitext, WikitextStream, QA10, Passkey)}
 TASK_NAMES = tuple(TASKS)
 
 

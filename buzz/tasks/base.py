@@ -79,6 +79,10 @@ class Task:
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def record_fields(self, sample: Sample) -> dict[str, Any]:
+        """Fields of the sample that its record carries beside the metrics (tables group by them)."""
+        return {}
+
     def aggregate(self, per_sample: list[dict[str, float]]) -> dict[str, float]:
         keys = per_sample[0].keys() if per_sample else []
         out = {k: sum(m[k] for m in per_sample) / len(per_sample) for k in keys}

@@ -139,6 +139,11 @@ class Passkey(Task):
     def encode(self, sample: Sample, tokenizer) -> list[int]:
         return self.fit(sample, tokenizer)[0]
 
+    def record_fields(self, sample: Sample) -> dict[str, Any]:
+        # The requested context length (the prompt lands within a few tokens of it) and the key's depth: the
+        # passkey table's axes. The record's `reference` holds them too, but exported records drop references.
+        return {"length": sample.meta["length"], "depth": sample.meta["depth"]}
+
     # scoring ---------------------------------------------------------------------------------------------------
     def score(self, sample: Sample, prediction: str) -> dict[str, float]:
         ref = sample.reference
