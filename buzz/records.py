@@ -81,16 +81,20 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "packages": versions, "host": platform.node()}
     try:
         root = Path(__file__).resolve().parents[1]
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        commit = done.stdout.strip() if done.returncode == 0 else ""
+        if not commit:  # a copy of the checkout without its history (e.g. shipped to a GPU node): say so if told
+            env["git_commit"] = os.environ.get("KVBENCH_GIT_COMMIT") or None
+            raise OSError
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True, timeout=5,
         ).stdout.strip()  # fmt: skip
         env["git_commit"] = (commit + ("-dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+        env.setdefault("git_commit", os.environ.get("KVBENCH_GIT_COMMIT") or None)
     try:
         import torch
 

@@ -104,7 +104,7 @@ def test_no_host_conversion_per_step(small_model, monkeypatch, policy, params):
 
 def test_task_config():
     t = build_task({"name": "wikitext_stream"})
-    assert (t.stream_tokens, t.prefix_tokens, t.bucket_tokens, t.cfg["max_tokens"]) == (65536, 64, 4096, 65536)
+    assert (t.stream_tokens, t.prefix_tokens, t.bucket_tokens, t.cfg["max_tokens"]) == (32768, 64, 4096, 32768)
     assert build_task({"name": "wikitext"}).bucket_tokens is None
     with pytest.raises(ValueError, match=r"task.bucket_tokens=0 is invalid; allowed: an int >= 1 or null"):
         build_task({"name": "wikitext_stream", "bucket_tokens": 0})

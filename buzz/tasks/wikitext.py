@@ -9,9 +9,9 @@ the `stream_tokens - prefix_tokens` tokens after the prefix. A fractional cache 
 With `bucket_tokens` the records also carry perplexity per position bucket: bucket k holds the scored tokens at
 stream positions [k * bucket_tokens, (k + 1) * bucket_tokens), i.e. those predicted after that many tokens were fed
 (the first bucket starts after the prefix). `wikitext_stream` is the long-stream setting built on it: one stream of
-65536 tokens in buckets of 4096, which runs past a model's trained context (8192 for SmolLM2) and shows where a full
+32768 tokens in buckets of 4096, which runs past a model's trained context (8192 for SmolLM2) and shows where a full
 cache with absolute positions breaks and which policies stay flat. Its budgets are meant as tokens (an int, e.g.
-1024): a fraction would be of the whole 64k stream.
+1024): a fraction would be of the whole 32k stream.
 """
 
 from __future__ import annotations
@@ -115,6 +115,6 @@ class WikitextStream(Wikitext):
 
     name = "wikitext_stream"
     defaults = Wikitext.defaults | {
-        "name": "wikitext_stream", "stream_tokens": 65536, "prefix_tokens": 64, "max_tokens": 65536,
+        "name": "wikitext_stream", "stream_tokens": 32768, "prefix_tokens": 64, "max_tokens": 32768,
         "bucket_tokens": 4096,
     }  # fmt: skip
