@@ -6,6 +6,7 @@ class Full(Policy):
     """Keeps every token: the reference every policy is compared with."""
 
     name = "full"
+    evicts = False  # teacher-forced streams can then be scored in chunks (buzz.runner.stream_nll)
 
     def __init__(self, budget: None = None) -> None:
         if budget is not None:

@@ -45,6 +45,17 @@ def _real_new_tokens(attention_mask: torch.Tensor | None, b: int, q: int, device
     return attention_mask[:, -q:].to(device=device, dtype=torch.bool)
 
 
+def _gqa_inputs(query, key, value):
+    """(key, value, enable_gqa) for SDPA. Flash attention takes grouped KV heads only in half precision; for a
+    float32 model on CUDA, SDPA would fall back to the math kernel, which materialises every attention weight (36 GiB
+    for a 32k-token prompt of a 9-head model), so the KV heads are repeated and the memory-efficient kernel runs."""
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and query.is_cuda and query.dtype == torch.float32:
+        g = query.shape[1] // key.shape[1]
+        return key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), False
+    return key, value, gqa
+
+
 def _plain_sdpa(module, query, key, value, attention_mask, scaling):
     """Causal attention with optional 2D padding, for forwards without an eviction cache."""
     q, kv = query.shape[2], key.shape[2]
@@ -57,10 +68,10 @@ def _plain_sdpa(module, query, key, value, attention_mask, scaling):
             causal = torch.ones(q, kv, dtype=torch.bool, device=query.device).tril(kv - q)
             mask = causal[None, None] & pad[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)  # fully padded query rows: avoid NaN, output unused
+    key, value, gqa = _gqa_inputs(query, key, value)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None and q > 1, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )  # fmt: skip
+        query, key, value, attn_mask=mask, is_causal=mask is None and q > 1, scale=scaling, enable_gqa=gqa
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -77,9 +88,8 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     keys = layer.keys if empty else layer.attention_keys(real_new)
     if empty and attention_mask is None and layer.score is None:
         # Unpadded prefill of an empty cache: plain causal attention over the new tokens (flash kernels).
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=hq != key.shape[1]
-        )
+        key, value, gqa = _gqa_inputs(query, key, value)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q > 1, scale=scaling, enable_gqa=gqa)
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
     mix = getattr(layer.policy, "mix_attention", None)

@@ -61,6 +61,7 @@ class Policy:
     name: ClassVar[str] = ""
     needs_scores: ClassVar[bool] = False
     positions: str = "absolute"  # RoPE positions attention sees: "absolute" or "in_cache" (module docstring)
+    evicts: ClassVar[bool] = True  # False: keeps every token (the full cache)
     # Per-slot tensors the core must keep aligned with the slots: name -> (dtype, value for a new token).
     slot_fields: ClassVar[dict[str, tuple[torch.dtype, float]]] = {}
 

@@ -64,9 +64,25 @@ def test_bucket_sums_add_up_to_the_total(small_model, policy, params):
     assert "buckets" not in plain[0] and "bucket_kv_tokens_mean" not in plain[0]
 
 
+@pytest.mark.parametrize("chunk", [8, 13, 2048])
+def test_full_cache_scored_in_chunks_equals_one_token_at_a_time(small_model, monkeypatch, chunk):
+    """The full cache never evicts, so stream_nll scores it in chunks of causal forwards; a window larger than the
+    stream never evicts either but goes one token at a time: the same numbers."""
+    import buzz.runner as runner
+
+    monkeypatch.setattr(runner, "FULL_STREAM_CHUNK", chunk)
+    chunked = stream_nll(small_model, streams(40), 8, make_cache("full", small_model), bucket_tokens=16)
+    stepped = stream_nll(small_model, streams(40), 8, make_cache("window", small_model, budget=1000), bucket_tokens=16)
+    for c, s in zip(chunked, stepped):
+        assert c["nll_sum"] == pytest.approx(s["nll_sum"], rel=1e-5) and c["n_tokens"] == s["n_tokens"] == 32
+        assert c["buckets"]["bucket_nll_sum"] == pytest.approx(s["buckets"]["bucket_nll_sum"], rel=1e-5)
+        assert c["stored_trace"] == s["stored_trace"]
+        assert c["bucket_kv_tokens_mean"] == s["bucket_kv_tokens_mean"]
+
+
 def test_one_bucket_of_the_whole_stream_equals_the_plain_path(small_model):
-    plain = stream_nll(small_model, streams(40), 8, make_cache("full", small_model))
-    one = stream_nll(small_model, streams(40), 8, make_cache("full", small_model), bucket_tokens=40)
+    plain = stream_nll(small_model, streams(40), 8, make_cache("streaming_llm", small_model, budget=12))
+    one = stream_nll(small_model, streams(40), 8, make_cache("streaming_llm", small_model, budget=12), bucket_tokens=40)
     for old, out in zip(plain, one):
         assert out["buckets"]["bucket_nll_sum"] == [old["nll_sum"]]  # bit for bit: the same float64 additions
         assert out["buckets"]["bucket_tokens"] == [old["n_tokens"]] and out["buckets"]["bucket_start"] == [8]
