@@ -56,7 +56,7 @@ import math
 
 import torch
 
-from buzz.cache import LayerState, Policy, register_policy
+from buzz.cache import LayerState, Policy, check_prefill_stride, register_policy
 
 NEW, SINK, DROPPED = 1 << 20, (1 << 20) + 1, (1 << 20) + 2  # `casc` markers besides sub-cache indices 0..K-1
 SCHEDULES = ("pow2", "every")
@@ -74,7 +74,6 @@ class Cascading(Policy):
     needs_scores = True
     per_head = True
     slot_fields = {"casc": (torch.long, NEW), "ema": (torch.float32, 0.0), "acc": (torch.float32, 0.0)}
-    prompt_tokens: torch.Tensor | None = None  # real prompt lengths (B,), set by the runner before a strided prefill
 
     def __init__(
         self, budget: int | float = 0.5, sink: int = 4, cascades: int = 4, schedule: str = "pow2",
@@ -95,19 +94,10 @@ class Cascading(Policy):
                 f"cache.head_reduction={head_reduction!r} is invalid; allowed: {', '.join(HEAD_REDUCTIONS)} "
                 "(max needs per-query-head scores, which the cache core does not keep)"
             )
-        if prefill_stride is not None and (
-            isinstance(prefill_stride, bool) or not isinstance(prefill_stride, int) or prefill_stride < 1
-        ):
-            raise ValueError(f"cache.prefill_stride={prefill_stride!r} is invalid; allowed: an int >= 1 or null")
+        check_prefill_stride(prefill_stride)
         self.sink, self.cascades, self.schedule = sink, cascades, schedule
         self.decay, self.head_reduction, self.prefill_stride = float(decay), head_reduction, prefill_stride
         self.every = [2**i if schedule == "pow2" else 1 for i in range(cascades)]
-
-    def resolve_budget(self, prompt_tokens: torch.Tensor) -> torch.Tensor:
-        # A strided prefill's first forward holds only part of the prompt: the runner sets the prompt lengths (B,).
-        if self.prompt_tokens is not None:
-            prompt_tokens = self.prompt_tokens.to(prompt_tokens.device)
-        return super().resolve_budget(prompt_tokens)
 
     def keep(self, s: LayerState) -> torch.Tensor:
         casc, ema, acc = s.fields["casc"], s.fields["ema"], s.fields["acc"]

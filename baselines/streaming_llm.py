@@ -1,6 +1,6 @@
 import torch
 
-from buzz.cache import LayerState, Policy, recent_mask, register_policy, sink_mask
+from buzz.cache import LayerState, Policy, check_prefill_stride, recent_mask, register_policy, sink_mask
 
 
 @register_policy
@@ -10,8 +10,11 @@ class StreamingLLM(Policy):
 
     name = "streaming_llm"
 
-    def __init__(self, budget: int | float = 0.5, sink: int = 4, positions: str = "absolute") -> None:
+    def __init__(
+        self, budget: int | float = 0.5, sink: int = 4, positions: str = "absolute", prefill_stride: int | None = None
+    ) -> None:
         super().__init__(budget, positions)
+        self.prefill_stride = check_prefill_stride(prefill_stride)
         if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
             raise ValueError(f"cache.sink={sink!r} is invalid; allowed: an int >= 0")
         self.sink = sink

@@ -62,6 +62,10 @@ class Policy:
     needs_scores: ClassVar[bool] = False
     positions: str = "absolute"  # RoPE positions attention sees: "absolute" or "in_cache" (module docstring)
     evicts: ClassVar[bool] = True  # False: keeps every token (the full cache)
+    # Prompt tokens per forward for the runner's prefill (None: the whole prompt in one forward). Strided, the policy
+    # evicts inside the prompt, and with positions=in_cache no forward sees positions past the cache size.
+    prefill_stride: int | None = None
+    prompt_tokens: torch.Tensor | None = None  # real prompt lengths (B,), set by the runner before a strided prefill
     # Per-slot tensors the core must keep aligned with the slots: name -> (dtype, value for a new token).
     slot_fields: ClassVar[dict[str, tuple[torch.dtype, float]]] = {}
 
@@ -76,7 +80,10 @@ class Policy:
         raise NotImplementedError
 
     def resolve_budget(self, prompt_tokens: torch.Tensor) -> torch.Tensor:
-        """Per-sample token budget from the real prompt lengths (B,) of the first forward."""
+        """Per-sample token budget from the real prompt lengths (B,) of the first forward (of the whole prompt, when
+        the runner prefills in strides and says so in `prompt_tokens`)."""
+        if self.prompt_tokens is not None:
+            prompt_tokens = self.prompt_tokens.to(prompt_tokens.device)
         if self.budget is None:
             return torch.full_like(prompt_tokens, UNBOUNDED)
         if isinstance(self.budget, float):
@@ -89,7 +96,13 @@ class Policy:
         return min(max_budget, stored_bound)
 
     def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "prompt_tokens"}
+
+
+def check_prefill_stride(value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"cache.prefill_stride={value!r} is invalid; allowed: an int >= 1 or null")
+    return value
 
 
 def check_budget(budget: Any) -> int | float | None:

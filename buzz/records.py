@@ -70,6 +70,22 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _git_commit(root: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()  # fmt: skip
+        return done.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Package versions, git commit and hardware, for the summary."""
     versions = {}
@@ -79,22 +95,9 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     env: dict[str, Any] = {"python": platform.python_version(), "packages": versions, "host": platform.node()}
-    try:
-        root = Path(__file__).resolve().parents[1]
-        done = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        commit = done.stdout.strip() if done.returncode == 0 else ""
-        if not commit:  # a copy of the checkout without its history (e.g. shipped to a GPU node): say so if told
-            env["git_commit"] = os.environ.get("KVBENCH_GIT_COMMIT") or None
-            raise OSError
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
-        env["git_commit"] = (commit + ("-dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        env.setdefault("git_commit", os.environ.get("KVBENCH_GIT_COMMIT") or None)
+    # KVBENCH_GIT_COMMIT says it explicitly: a copy of the checkout shipped to a GPU node may carry no .git, or a
+    # stale one, whose HEAD is not the code that runs.
+    env["git_commit"] = os.environ.get("KVBENCH_GIT_COMMIT") or _git_commit(Path(__file__).resolve().parents[1])
     try:
         import torch
 

@@ -43,6 +43,8 @@ SEED = 0
 LEVEL = 0.95
 # Task keys that never change what a table compares (they are listed separately or only name the data files).
 TASK_KEYS_IGNORED = {"name", "kind", "gold_position"}
+# Cache keys that never tell policies apart in a table (model_name only names the model, which is a column).
+CACHE_KEYS_IGNORED = {"name", "budget", "model_name"}
 BUDGET_DEFINITION = {
     "generate": "a float budget is the fraction of each prompt's tokens the cache may store (an int: tokens)",
     "perplexity": "a float budget is the fraction of task.stream_tokens the cache may store (an int: tokens)",
@@ -213,7 +215,7 @@ def load_runs(root: str | Path, configs: Path = CONFIGS) -> tuple[list[Run], lis
         task_variant = _variant(task_cfg, _yaml(configs / "task" / f"{task_name}.yaml"), TASK_KEYS_IGNORED)
         if cfg.get("seed", seed_default) != seed_default:
             task_variant = ",".join(filter(None, [task_variant, f"seed={cfg.get('seed')}"]))
-        policy_variant = _variant(cache_cfg, _yaml(configs / "cache" / f"{policy_name}.yaml"), {"name", "budget"})
+        policy_variant = _variant(cache_cfg, _yaml(configs / "cache" / f"{policy_name}.yaml"), CACHE_KEYS_IGNORED)
         samples = _read_samples(samples_path)
         run = Run(
             dir=d, model=cfg.get("model", {}).get("name"), task=_label(task_name, task_variant), task_name=task_name,

@@ -74,6 +74,14 @@ CASES = {
         "buzz_paper", {"sink": 2, "window": 4, "threshold": 6, "stride": 3}, lambda m: BuzzRule(2, 4, 6, 3, False),
         N_PROMPT,
     ),
+    # one token per forward from the first: the policy evicts inside the prompt, at in-cache positions throughout
+    "streaming_llm_stride1": (
+        "streaming_llm", {"budget": 12, "sink": 4, "prefill_stride": 1}, lambda m: streaming_rule(12, 4), 1,
+    ),
+    "buzz_stride1": (
+        "buzz", {"budget": 12, "sink": 2, "window": 3, "stride": 3, "prefill_stride": 1},
+        lambda m: BuzzRule(2, 3, 7, 3, True), 1,
+    ),
     # cascading one token per forward from the first (evicting inside the prompt), and in one prefill forward
     "cascading_stride1": (
         "cascading", {"budget": 14, "sink": 2, "cascades": 3, "decay": 0.9, "prefill_stride": 1},
@@ -91,7 +99,7 @@ def test_in_cache_matches_attention_from_scratch_over_kept_tokens(model, ids, ca
     policy, params, rule, ref_prompt = CASES[case]
     cache = buzz.make_cache(policy, model, positions="in_cache", **params)
     trace = []
-    if policy == "cascading":
+    if "prefill_stride" in params:  # through the runner's (strided) prefill
         got = strided_cache_logits(model, ids, N_PROMPT, cache, trace)
         if ref_prompt == 1:
             got = got[N_PROMPT - 1 :]  # the reference's logits start at the prompt's last token

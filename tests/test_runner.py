@@ -417,3 +417,11 @@ def test_logger_failure_never_stops_a_run(tmp_path, monkeypatch, capsys):
     summary = job(tmp_path, "qa10", "logger=wandb", "logger.mode=offline")
     assert summary["status"] == "done" and summary["n"] == 2
     assert "wandb init failed (no network): records stay local" in capsys.readouterr().err
+
+
+def test_records_take_the_commit_they_are_told(monkeypatch):
+    """A checkout copied to a GPU node may carry no .git or a stale one: KVBENCH_GIT_COMMIT wins."""
+    from buzz.records import environment
+
+    monkeypatch.setenv("KVBENCH_GIT_COMMIT", "0123abc")
+    assert environment()["git_commit"] == "0123abc"

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from buzz.cache import LayerState, Policy, register_policy
+from buzz.cache import LayerState, Policy, check_prefill_stride, register_policy
 
 BIG = 1 << 62
 
@@ -55,9 +55,10 @@ class Buzz(Policy):
 
     def __init__(
         self, budget: int | float = 0.5, sink: int = 4, window: int | float = 0.28, stride: int = 5,
-        positions: str = "absolute",
+        positions: str = "absolute", prefill_stride: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(budget, positions)
+        self.prefill_stride = check_prefill_stride(prefill_stride)
         if self.budget is None and self.bounded:
             raise ValueError("cache.budget=None is invalid for buzz; allowed: an int >= 1 or a float in (0, 1]")
         self.sink = _check_int("sink", sink, 0)
@@ -162,13 +163,14 @@ class BuzzPaper(Buzz):
 
     def __init__(
         self, budget: None = None, sink: int = 4, window: int = 160, threshold: int = 400, stride: int = 5,
-        positions: str = "absolute",
+        positions: str = "absolute", prefill_stride: int | None = None,
     ) -> None:  # fmt: skip
         if budget is not None:
             raise ValueError(
                 f"cache.budget={budget!r} is invalid for buzz_paper (fixed sizes); allowed: null, or use cache=buzz"
             )
-        super().__init__(None, sink=sink, window=_check_int("window", window, 0), stride=stride, positions=positions)
+        super().__init__(None, sink=sink, window=_check_int("window", window, 0), stride=stride, positions=positions,
+                         prefill_stride=prefill_stride)  # fmt: skip
         self.threshold = _check_int("threshold", threshold, 0)
 
     def regions(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
