@@ -540,7 +540,9 @@ def _summarize(cfg, task, source, recs: list[dict], status: str, error: str | No
         "kv_tokens_mean": mean("kv_tokens_mean"), "kv_bytes_peak_mean": kv_peak, "kv_bytes_full_mean": kv_full,
         "kv_ratio_vs_full": kv_peak / kv_full if kv_peak and kv_full else None,
         "prefill_ms": mean("prefill_ms"), "decode_ms_per_token": mean("decode_ms_per_step"),
-        "tokens_per_s": mean("batch_tokens_per_s"), "batch_size": cfg.batch_size,
+        "tokens_per_s": mean("batch_tokens_per_s"),
+        # the largest batch that ran (a stream task has as many rows as streams, whatever batch_size says)
+        "batch_size": max((r.get("batch_size") or 0 for r in recs), default=0) or cfg.batch_size,
         "config": OmegaConf.to_container(cfg, resolve=True), "environment": environment(),
     }  # fmt: skip
 
