@@ -61,6 +61,15 @@ def tiny_llama(seed: int = 0, layers: int = 2, heads: int = 4, kv_heads: int = 2
     return LlamaForCausalLM(cfg).eval().float()
 
 
+def visible_mask(visible_rows: list[list[set[int]]], t: int) -> torch.Tensor:
+    """(1, Hkv, t, t) bool: row j of head h sees the positions in visible_rows[h][j]."""
+    m = torch.zeros(1, len(visible_rows), t, t, dtype=torch.bool)
+    for h, rows in enumerate(visible_rows):
+        for j in range(t):
+            m[0, h, j, sorted(rows[j])] = True
+    return m
+
+
 # A rule maps (kept positions, scores {pos: float}, tokens seen) -> positions to keep, for one layer and head.
 # A rule with state of its own (one per layer and head) sets the attribute `keyed` and also gets (layer, head).
 Rule = Callable[[set[int], dict[int, float], int], set[int]]
@@ -86,14 +95,7 @@ def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule, positions
     out = []
     try:
         for t in range(n_prompt, total + 1):  # t = tokens processed after this forward
-            masks = {}
-            for layer in range(n_layers):
-                m = torch.zeros(1, hkv, t, t, dtype=torch.bool)
-                for h in range(hkv):
-                    for j in range(t):
-                        m[0, h, j, sorted(visible[layer][h][j])] = True
-                masks[layer] = m
-            REF["masks"] = masks
+            REF["masks"] = {layer: visible_mask(visible[layer], t) for layer in range(n_layers)}
             position_ids = torch.arange(t)[None]
             if positions == "in_cache":
                 x = torch.zeros(1, t, 1)

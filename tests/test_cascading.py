@@ -8,7 +8,7 @@ import torch
 
 import buzz
 from buzz.runner import prefill_forwards
-from tests.reference import REF, reference_logits
+from tests.reference import REF, reference_logits, visible_mask
 from tests.test_policies import greedy, streaming_rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,13 +93,7 @@ def strided_reference_logits(model, ids: list[int], chunks: list[int], rule) -> 
                 for h in range(hkv):
                     for j in range(a, t):
                         visible[layer][h][j] = kept[layer][h] | set(range(a, j + 1))
-            REF["masks"] = {}
-            for layer in range(n_layers):
-                m = torch.zeros(1, hkv, t, t, dtype=torch.bool)
-                for h in range(hkv):
-                    for j in range(t):
-                        m[0, h, j, sorted(visible[layer][h][j])] = True
-                REF["masks"][layer] = m
+            REF["masks"] = {layer: visible_mask(visible[layer], t) for layer in range(n_layers)}
             with torch.no_grad():
                 logits = model(torch.tensor([ids[:t]]), position_ids=torch.arange(t)[None]).logits
             out.append(logits[0, -1])
@@ -232,21 +226,7 @@ def test_padded_batch_equals_one_by_one(model, params):
 
 def greedy_strided(model, prompts, cache, steps):
     """`tests.test_policies.greedy`, with the prompt prefilled by the runner (strided when the policy says so)."""
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    seen = []
-    with torch.no_grad():
-        *_, logits = prefill_forwards(model, cache, "past_key_values", ids, mask, pos)
-        logits = logits[:, -1]
-        for _ in range(steps):
-            seen.append(logits)
-            nxt = logits.argmax(-1, keepdim=True)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            logits = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
-    return torch.stack(seen, 1)
+    return greedy(model, prompts, cache, steps, runner_prefill=True)
 
 
 def test_unstrided_batch_matches_policies_greedy(model):

@@ -13,6 +13,7 @@ import buzz
 from baselines.less import LessKernels, combine
 from buzz.cache import EvictionLayer
 from buzz.less_train import LayerData, attention_modules, capture_qkv, replay_base, train_kernels
+from tests.reference import visible_mask
 from tests.test_policies import cache_logits, greedy, h2o_rule
 
 N_PROMPT, N_DECODE, BUDGET, RECENT = 24, 32, 12, 6
@@ -80,10 +81,7 @@ def less_reference_logits(model, ids, n_prompt, rule, kernels):
         for t in range(n_prompt, len(ids) + 1):
             LREF["visible"], LREF["evicted"] = {}, {}
             for layer in range(n_layers):
-                vis = torch.zeros(1, hkv, t, t, dtype=torch.bool)
-                for h in range(hkv):
-                    for j in range(t):
-                        vis[0, h, j, sorted(visible[layer][h][j])] = True
+                vis = visible_mask(visible[layer], t)
                 LREF["visible"][layer] = vis
                 LREF["evicted"][layer] = torch.ones(t, t, dtype=torch.bool).tril(-1) & ~vis
             with torch.no_grad():

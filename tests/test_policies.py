@@ -7,6 +7,7 @@ import torch
 
 import buzz
 from buzz.cache import EvictionCache
+from buzz.runner import prefill_forwards
 from tests.reference import reference_logits
 
 N_PROMPT, N_DECODE, BUDGET = 24, 32, 12
@@ -84,15 +85,20 @@ def test_budget_above_sequence_equals_full(model, ids, policy):
     torch.testing.assert_close(got, full, atol=1e-6, rtol=0)
 
 
-def greedy(model, prompts: list[list[int]], cache, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Left-padded batched greedy decoding with per-step logits."""
+def greedy(model, prompts: list[list[int]], cache, steps: int, runner_prefill: bool = False) -> torch.Tensor:
+    """Left-padded batched greedy decoding with per-step logits (B, steps, vocab). `runner_prefill`: the prompt goes
+    through the runner's prefill (strided when the policy has a `prefill_stride`) instead of one forward."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     logits_seen = []
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        if runner_prefill:
+            *_, logits = prefill_forwards(model, cache, "past_key_values", ids, mask, pos)
+            logits = logits[:, -1]
+        else:
+            logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
         for _ in range(steps):
             logits_seen.append(logits)
             nxt = logits.argmax(-1, keepdim=True)
