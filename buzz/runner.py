@@ -280,32 +280,34 @@ def stream_nll(
     if not getattr(cache.policy, "evicts", True):
         # A cache that never evicts sees exactly what one causal forward sees: score the stream in chunks of
         # FULL_STREAM_CHUNK tokens (the same numbers as one token at a time, tested; seconds instead of hours).
-        return _stream_nll_chunked(
-            model, streams, prefix, cache, kw, bucket_tokens, buckets, bucket_of, nll, bucket_nll
-        )
-    # stored[:, j]: tokens stored when scoring position prefix + j (after the prefill, then after each step).
-    stored = torch.zeros(b, n - prefix, dtype=torch.long, device=device)
-    _sync(device)
-    t0 = time.perf_counter()
-    prompt = streams[:, :prefix]
-    *_, logits = prefill_forwards(model, cache, kw, prompt, torch.ones_like(prompt), None)
-    logits = logits[:, -1]
-    stored[:, 0] = cache.stored_tokens()
-    _sync(device)
-    t_first = time.perf_counter()
-    step = decode_stepper(model, cache, kw, graphs, n - prefix)
-    for t in tqdm(range(prefix, n), desc="tokens", leave=False, disable=not progress):
-        token = token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
-        nll += token
-        if bucket_tokens is not None:
-            bucket_nll[:, bucket_of[t - prefix]] += token
-        if t + 1 < n:
-            logits = step(streams[:, t : t + 1], torch.full((b, 1), t, device=device))
-            stored[:, t + 1 - prefix] = cache.stored_tokens()
+        t0, t_first = _score_in_chunks(model, streams, prefix, cache, kw, bucket_of, nll, bucket_nll)
+        trace = [list(range(prefix, n))] * b  # it stores every token it has seen
+        extra = {"scored_in_chunks": FULL_STREAM_CHUNK}
+    else:
+        # stored[:, j]: tokens stored when scoring position prefix + j (after the prefill, then after each step).
+        stored = torch.zeros(b, n - prefix, dtype=torch.long, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        prompt = streams[:, :prefix]
+        *_, logits = prefill_forwards(model, cache, kw, prompt, torch.ones_like(prompt), None)
+        logits = logits[:, -1]
+        stored[:, 0] = cache.stored_tokens()
+        _sync(device)
+        t_first = time.perf_counter()
+        step = decode_stepper(model, cache, kw, graphs, n - prefix)
+        for t in tqdm(range(prefix, n), desc="tokens", leave=False, disable=not progress):
+            token = token_nll(logits[:, None], streams[:, t : t + 1]).double().view(b)
+            nll += token
+            if bucket_tokens is not None:
+                bucket_nll[:, bucket_of[t - prefix]] += token
+            if t + 1 < n:
+                logits = step(streams[:, t : t + 1], torch.full((b, 1), t, device=device))
+                stored[:, t + 1 - prefix] = cache.stored_tokens()
+        trace = stored.tolist()
+        extra = {}
     _sync(device)
     t_end = time.perf_counter()
     steps = max(n - prefix - 1, 1)
-    trace = stored.tolist()
     outs = [
         {
             "nll_sum": float(nll[i]),
@@ -315,6 +317,7 @@ def stream_nll(
             "decode_ms_per_step": (t_end - t_first) * 1e3 / steps,
             "batch_tokens_per_s": b * steps / max(t_end - t_first, 1e-9),
             "batch_size": b,
+            **extra,
         }  # fmt: skip
         for i in range(b)
     ]
@@ -336,14 +339,14 @@ def stream_nll(
 FULL_STREAM_CHUNK = 2048
 
 
-def _stream_nll_chunked(model, streams, prefix, cache, kw, bucket_tokens, buckets, bucket_of, nll, bucket_nll):
+def _score_in_chunks(model, streams, prefix, cache, kw, bucket_of, nll, bucket_nll) -> tuple[float, float]:
+    """Teacher-forced NLL through a cache that never evicts, in causal forwards of FULL_STREAM_CHUNK tokens after
+    the prefix; adds into `nll` (B,) and `bucket_nll` (B, buckets). Returns the start and end-of-prefix times."""
     from buzz.metrics import token_nll
 
-    device = streams.device
-
-    b, n = streams.shape
+    device, n = streams.device, streams.shape[1]
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = t_first = time.perf_counter()
     bounds = [0, prefix, *range(prefix + FULL_STREAM_CHUNK, n - 1, FULL_STREAM_CHUNK), n - 1]
     bucket_idx = torch.tensor(bucket_of, device=device)
     for a, z in zip(bounds, bounds[1:]):
@@ -353,29 +356,10 @@ def _stream_nll_chunked(model, streams, prefix, cache, kw, bucket_tokens, bucket
             a = z - 1
             _sync(device)
             t_first = time.perf_counter()
-        per_token = token_nll(logits[..., None, :], streams[:, a + 1 : z + 1, None]).double()  # (b, z - a)
+        per_token = token_nll(logits[..., None, :], streams[:, a + 1 : z + 1, None]).double()  # (B, z - a)
         nll += per_token.sum(-1)
         bucket_nll.index_add_(1, bucket_idx[a + 1 - prefix : z + 1 - prefix], per_token)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    sums = bucket_nll.tolist()
-    outs = []
-    for i in range(b):
-        out = {
-            "nll_sum": float(nll[i]), "n_tokens": n - prefix, "stored_trace": list(range(prefix, n)),
-            "prefill_ms": (t_first - t0) * 1e3, "decode_ms_per_step": (t0 + elapsed - t_first) * 1e3 / (n - prefix),
-            "batch_tokens_per_s": b * (n - prefix) / max(elapsed, 1e-9), "batch_size": b,
-            "scored_in_chunks": FULL_STREAM_CHUNK,
-        }  # fmt: skip
-        if bucket_tokens is not None:
-            out["buckets"] = {
-                "bucket_start": [first for first, _ in buckets],
-                "bucket_tokens": [end - first for first, end in buckets],
-                "bucket_nll_sum": sums[i],
-            }  # fmt: skip
-            out["bucket_kv_tokens_mean"] = [(first + end - 1) / 2 for first, end in buckets]
-        outs.append(out)
-    return outs
+    return t0, t_first
 
 
 # ------------------------------------------------------------------------------------------------ the job
