@@ -140,6 +140,7 @@ def test_tiny_llama_stream_job(tmp_path):
                                      "cache.budget=24"))  # fmt: skip
     summary = run(cfg)
     assert summary["status"] == "done" and summary["n"] == 2 and summary["model_max_positions"] == 8192
+    assert summary["batch_size"] == 2 and cfg.batch_size == 8  # the batch that ran: both streams, not the config's
     run_dir = Path(summary["run_dir"])
     assert run_dir.parent == tmp_path / "wikitext_stream" / "tiny-llama"
     lines = (run_dir / "samples.jsonl").read_text().splitlines()
