@@ -56,6 +56,7 @@ import math
 
 import torch
 
+from buzz import cache as core
 from buzz.cache import LayerState, Policy, check_prefill_stride, register_policy
 
 NEW, SINK, DROPPED = 1 << 20, (1 << 20) + 1, (1 << 20) + 2  # `casc` markers besides sub-cache indices 0..K-1
@@ -100,105 +101,115 @@ class Cascading(Policy):
         self.every = [2**i if schedule == "pow2" else 1 for i in range(cascades)]
 
     def keep(self, s: LayerState) -> torch.Tensor:
-        casc, ema, acc = s.fields["casc"], s.fields["ema"], s.fields["acc"]
-        b, h, c = s.valid.shape
-        k, q = self.cascades, s.n_new
-        dev = s.valid.device
-
-        # Scores: EMA of the attention received, from the core's running sum (acc = that sum at the last forward).
-        new_real = s.valid.gather(2, s.new_slots)[:, 0]  # (B, q): real (non-pad) tokens of this forward
-        n_real = new_real.sum(-1)
-        if self.decay != 1.0:
-            ema.mul_(torch.pow(self.decay, n_real.double()).float().view(b, 1, 1))
-        ema.add_(s.score - acc)
-        acc.copy_(s.score)
-
-        # Layout of the budget, per sample.
-        n_sink = s.budget.clamp(max=self.sink)
-        m = s.budget - n_sink  # tokens in the sub-caches
-        idx = torch.arange(k, device=dev)
-        w = m.view(-1, 1) // k + (idx < m.view(-1, 1) % k).long()  # (B, K) sub-cache sizes
-        cum_w = w.cumsum(-1)
-        off = cum_w - w  # first rank of each sub-cache
-        t_slot = s.pos - n_sink.view(b, 1, 1)  # time of each slot's token (negative: sink)
-        sink = s.valid & (t_slot < 0)
-
-        # Eager fill (t <= M): the sub-caches hold a window, newest tokens in sub-cache 0. Samples whose forward has
-        # eager tokens get the window after the last of them (pure arithmetic), the others keep their state.
-        t_first = s.seen - n_real - n_sink
-        t_last = s.seen - 1 - n_sink
-        t_eager = torch.minimum(t_last, m)
-        has_eager = t_first.clamp_min(0) <= t_eager
-        rank = t_eager.view(b, 1, 1) - t_slot  # 0 = newest
-        by_rank = torch.searchsorted(cum_w, rank.clamp_min(0).view(b, h * c), right=True).view(b, h, c)
-        window = torch.where(t_slot > t_eager.view(b, 1, 1), NEW, torch.where(rank < m.view(b, 1, 1), by_rank, DROPPED))
-        state = torch.where(has_eager.view(b, 1, 1), window, casc)
-        state = torch.where(sink, SINK, torch.where(s.valid, state, DROPPED))
-
-        # Steady state (t > M; every sub-cache full): the forward's tokens as a stream over arrival times.
-        t_new = s.pos.gather(2, s.new_slots)[:, 0] - n_sink.view(b, 1)  # (B, q)
-        present = new_real & (t_new > m.view(b, 1))
-        steady = present.any(-1)
-        slot_in = s.new_slots
-        in_casc = (state < k) & s.valid
-        if q == 1:  # decode: only each sub-cache's oldest and newest slot can move
-            key = s.pos * c + torch.arange(c, device=dev)
-            bucket = torch.where(in_casc, state, k)
-            lo = key.new_full((b, h, k + 1), torch.iinfo(torch.long).max).scatter_reduce(2, bucket, key, "amin")
-            hi = key.new_full((b, h, k + 1), -1).scatter_reduce(2, bucket, key, "amax")
-            oldest, newest = (lo[..., :k] % c).clamp(0, c - 1), (hi[..., :k] % c).clamp(0, c - 1)
-            slot_ids = torch.arange(c, device=dev)
-            is_old = slot_ids == oldest.gather(2, bucket.clamp(max=k - 1))
-            is_new = slot_ids == newest.gather(2, bucket.clamp(max=k - 1))
-            w_slot = w.view(b, 1, k).expand(b, h, k).gather(2, bucket.clamp(max=k - 1))
-            rank_in = torch.where(is_new, w_slot - 1, torch.where(is_old, 0, 1))
-
-            def entry(i: int, j: torch.Tensor) -> torch.Tensor:  # j-th oldest slot of sub-cache i, j in {0, W_i - 1}
-                return torch.where(j <= 0, oldest[:, :, i : i + 1], newest[:, :, i : i + 1]).expand_as(j)
-        else:
-            key = torch.where(in_casc, (state << _POS_BITS) | s.pos, torch.iinfo(torch.long).max)
-            order = key.argsort(-1)
-            pos_in_order = torch.empty_like(order).scatter_(2, order, torch.arange(c, device=dev).expand(b, h, c))
-            rank_in = pos_in_order - off.view(b, 1, k).expand(b, h, k).gather(2, state.clamp(0, k - 1))
-
-            def entry(i: int, j: torch.Tensor) -> torch.Tensor:
-                return order.gather(2, (off[:, i].view(b, 1, 1) + j).clamp(0, c - 1))
-
-        final = torch.where(sink, SINK, DROPPED)
-        arange_q = torch.arange(q, device=dev)
-        for i in range(k):
-            wi = w[:, i].view(b, 1)
-            present = present & (wi > 0)
-            push = present & (t_new % self.every[i] == 0)
-            group = push.long().cumsum(-1)  # (B, q): group 0 continues the newest token's competition
-            n_push = group[:, -1:]  # (B, 1)
-            gidx = group.view(b, 1, q).expand(b, h, q)
-            score = ema.gather(2, slot_in).masked_fill(~present.view(b, 1, q), -math.inf)
-            newest_i = entry(i, (wi - 1).view(b, 1, 1).expand(b, h, 1))  # (B, H, 1)
-            best = score.new_full((b, h, q + 1), -math.inf).scatter_reduce(2, gidx, score, "amax")
-            best[:, :, :1] = torch.maximum(best[:, :, :1], ema.gather(2, newest_i))
-            wins = present.view(b, 1, q) & (score == best.gather(2, gidx))
-            champ = gidx.new_full((b, h, q + 1), -1).scatter_reduce(
-                2, gidx, torch.where(wins, arange_q, -1).expand(b, h, q), "amax"
-            )  # latest arrival with the group's best score (ties go to the later token); -1: the newest token stays
-            champ_slot = torch.where(champ >= 0, slot_in.gather(2, champ.clamp_min(0)), newest_i)
-            # What sub-cache i holds at the end: its entries, the last one replaced by group 0's champion, then one
-            # champion per push; the first n_push of that sequence are pushed on to sub-cache i + 1.
-            np3, w3 = n_push.view(b, 1, 1), wi.view(b, 1, 1)
-            stays = (
-                (state == i) & (rank_in >= np3) & ((rank_in < w3 - 1) | ((champ[:, :, :1] < 0) & (rank_in == w3 - 1)))
-            )
-            champ_stays = present.view(b, 1, q) & (champ.gather(2, gidx) == arange_q) & (gidx >= np3 - w3 + 1)
-            marks = torch.zeros(b, h, c + 1, dtype=torch.bool, device=dev)
-            marks.scatter_(2, torch.where(champ_stays, slot_in, c), True)
-            final = torch.where(stays | marks[..., :c], i, final)
-            j = gidx - 1  # the sequence index each push evicts
-            pushed_out = torch.where(j < w3 - 1, entry(i, j), champ_slot.gather(2, (j - w3 + 1).clamp(0, q)))
-            slot_in = torch.where(push.view(b, 1, q), pushed_out, slot_in)
-            present = push
-        state = torch.where(steady.view(b, 1, 1), final, state)
-        casc.copy_(state)
-        return s.valid & (state != DROPPED)
+        step = _cascade
+        if s.n_new == 1 and s.valid.is_cuda and core.COMPILE_DECODE_SELECTION:
+            step = core.compiled(_cascade)
+        f = s.fields
+        keep, casc, ema = step(s.valid, s.pos, f["casc"], f["ema"], f["acc"], s.score, s.seen, s.budget, s.new_slots,
+                               self.sink, tuple(self.every), self.decay)  # fmt: skip
+        f["casc"].copy_(casc)
+        f["ema"].copy_(ema)
+        f["acc"].copy_(s.score)
+        return keep
 
     def describe(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("every", "prompt_tokens")}
+
+
+def _cascade(valid, pos, casc, ema, acc, score, seen, budget, new_slots, sink_max: int, every: tuple, decay: float):
+    """One forward's cascade for every sample and KV head: (slots to keep, the new `casc` field, the new EMA).
+    A pure function of tensors and constants, so it compiles (decode steps on CUDA, `keep`)."""
+    b, h, c = valid.shape
+    k, q = len(every), new_slots.shape[-1]
+    dev = valid.device
+
+    # Scores: EMA of the attention received, from the core's running sum (acc = that sum at the last forward).
+    new_real = valid.gather(2, new_slots)[:, 0]  # (B, q): real (non-pad) tokens of this forward
+    n_real = new_real.sum(-1)
+    if decay != 1.0:
+        ema = ema * torch.pow(decay, n_real.double()).float().view(b, 1, 1)
+    ema = ema + (score - acc)
+
+    # Layout of the budget, per sample.
+    n_sink = budget.clamp(max=sink_max)
+    m = budget - n_sink  # tokens in the sub-caches
+    idx = torch.arange(k, device=dev)
+    w = m.view(-1, 1) // k + (idx < m.view(-1, 1) % k).long()  # (B, K) sub-cache sizes
+    cum_w = w.cumsum(-1)
+    off = cum_w - w  # first rank of each sub-cache
+    t_slot = pos - n_sink.view(b, 1, 1)  # time of each slot's token (negative: sink)
+    sink = valid & (t_slot < 0)
+
+    # Eager fill (t <= M): the sub-caches hold a window, newest tokens in sub-cache 0. Samples whose forward has
+    # eager tokens get the window after the last of them (pure arithmetic), the others keep their state.
+    t_first = seen - n_real - n_sink
+    t_last = seen - 1 - n_sink
+    t_eager = torch.minimum(t_last, m)
+    has_eager = t_first.clamp_min(0) <= t_eager
+    rank = t_eager.view(b, 1, 1) - t_slot  # 0 = newest
+    by_rank = torch.searchsorted(cum_w, rank.clamp_min(0).view(b, h * c), right=True).view(b, h, c)
+    window = torch.where(t_slot > t_eager.view(b, 1, 1), NEW, torch.where(rank < m.view(b, 1, 1), by_rank, DROPPED))
+    state = torch.where(has_eager.view(b, 1, 1), window, casc)
+    state = torch.where(sink, SINK, torch.where(valid, state, DROPPED))
+
+    # Steady state (t > M; every sub-cache full): the forward's tokens as a stream over arrival times.
+    t_new = pos.gather(2, new_slots)[:, 0] - n_sink.view(b, 1)  # (B, q)
+    present = new_real & (t_new > m.view(b, 1))
+    steady = present.any(-1)
+    slot_in = new_slots
+    in_casc = (state < k) & valid
+    if q == 1:  # decode: only each sub-cache's oldest and newest slot can move
+        key = pos * c + torch.arange(c, device=dev)
+        bucket = torch.where(in_casc, state, k)
+        lo = key.new_full((b, h, k + 1), torch.iinfo(torch.long).max).scatter_reduce(2, bucket, key, "amin")
+        hi = key.new_full((b, h, k + 1), -1).scatter_reduce(2, bucket, key, "amax")
+        oldest, newest = (lo[..., :k] % c).clamp(0, c - 1), (hi[..., :k] % c).clamp(0, c - 1)
+        slot_ids = torch.arange(c, device=dev)
+        is_old = slot_ids == oldest.gather(2, bucket.clamp(max=k - 1))
+        is_new = slot_ids == newest.gather(2, bucket.clamp(max=k - 1))
+        w_slot = w.view(b, 1, k).expand(b, h, k).gather(2, bucket.clamp(max=k - 1))
+        rank_in = torch.where(is_new, w_slot - 1, torch.where(is_old, 0, 1))
+
+        def entry(i: int, j: torch.Tensor) -> torch.Tensor:  # j-th oldest slot of sub-cache i, j in {0, W_i - 1}
+            return torch.where(j <= 0, oldest[:, :, i : i + 1], newest[:, :, i : i + 1]).expand_as(j)
+    else:
+        key = torch.where(in_casc, (state << _POS_BITS) | pos, torch.iinfo(torch.long).max)
+        order = key.argsort(-1)
+        pos_in_order = torch.empty_like(order).scatter_(2, order, torch.arange(c, device=dev).expand(b, h, c))
+        rank_in = pos_in_order - off.view(b, 1, k).expand(b, h, k).gather(2, state.clamp(0, k - 1))
+
+        def entry(i: int, j: torch.Tensor) -> torch.Tensor:
+            return order.gather(2, (off[:, i].view(b, 1, 1) + j).clamp(0, c - 1))
+
+    final = torch.where(sink, SINK, DROPPED)
+    arange_q = torch.arange(q, device=dev)
+    for i in range(k):
+        wi = w[:, i].view(b, 1)
+        present = present & (wi > 0)
+        push = present & (t_new % every[i] == 0)
+        group = push.long().cumsum(-1)  # (B, q): group 0 continues the newest token's competition
+        n_push = group[:, -1:]  # (B, 1)
+        gidx = group.view(b, 1, q).expand(b, h, q)
+        cand = ema.gather(2, slot_in).masked_fill(~present.view(b, 1, q), -math.inf)
+        newest_i = entry(i, (wi - 1).view(b, 1, 1).expand(b, h, 1))  # (B, H, 1)
+        best = cand.new_full((b, h, q + 1), -math.inf).scatter_reduce(2, gidx, cand, "amax")
+        best[:, :, :1] = torch.maximum(best[:, :, :1], ema.gather(2, newest_i))
+        wins = present.view(b, 1, q) & (cand == best.gather(2, gidx))
+        champ = gidx.new_full((b, h, q + 1), -1).scatter_reduce(
+            2, gidx, torch.where(wins, arange_q, -1).expand(b, h, q), "amax"
+        )  # latest arrival with the group's best score (ties go to the later token); -1: the newest token stays
+        champ_slot = torch.where(champ >= 0, slot_in.gather(2, champ.clamp_min(0)), newest_i)
+        # What sub-cache i holds at the end: its entries, the last one replaced by group 0's champion, then one
+        # champion per push; the first n_push of that sequence are pushed on to sub-cache i + 1.
+        np3, w3 = n_push.view(b, 1, 1), wi.view(b, 1, 1)
+        stays = (state == i) & (rank_in >= np3) & ((rank_in < w3 - 1) | ((champ[:, :, :1] < 0) & (rank_in == w3 - 1)))
+        champ_stays = present.view(b, 1, q) & (champ.gather(2, gidx) == arange_q) & (gidx >= np3 - w3 + 1)
+        marks = torch.zeros(b, h, c + 1, dtype=torch.bool, device=dev)
+        marks.scatter_(2, torch.where(champ_stays, slot_in, c), True)
+        final = torch.where(stays | marks[..., :c], i, final)
+        j = gidx - 1  # the sequence index each push evicts
+        pushed_out = torch.where(j < w3 - 1, entry(i, j), champ_slot.gather(2, (j - w3 + 1).clamp(0, q)))
+        slot_in = torch.where(push.view(b, 1, q), pushed_out, slot_in)
+        present = push
+    state = torch.where(steady.view(b, 1, 1), final, state)
+    return valid & (state != DROPPED), state, ema

@@ -23,6 +23,7 @@ Everything else lives here:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -155,6 +156,22 @@ def top_k_mask(values: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, 
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(c, device=order.device).expand_as(order))
     return candidates & (rank < k.view(-1, 1, 1))
+
+
+# On CUDA a policy's decode-step selection may run compiled: torch.compile fuses its many small element-wise and
+# reduction kernels (launch-bound: ~100 per layer) into a few, captured in the step's CUDA graph like the rest.
+# Prefills stay eager (their shapes vary per prompt). Compiled and eager compute the same (scripts/gpu_check.py,
+# tests/test_compiled_selection.py). KVBENCH_COMPILE_SELECTION=0 turns it off (e.g. to measure what it saves). The
+# first buffer size is compiled static; a second one makes the sizes dynamic (one more compile, then none).
+COMPILE_DECODE_SELECTION = os.environ.get("KVBENCH_COMPILE_SELECTION", "1") != "0"
+_COMPILED: dict[Any, Any] = {}
+
+
+def compiled(fn: Any) -> Any:
+    """`fn` (a pure function of tensors and constants) through `torch.compile(fullgraph=True)`, compiled once."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
 
 
 def rope_inv_freq(model: Any) -> torch.Tensor:

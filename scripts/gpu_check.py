@@ -76,14 +76,14 @@ if __name__ == "__main__":
         err = (decode(model, name, True) - decode(model, name, False)).abs().max().item()
         print(f"graph vs eager, {name}: max |diff| = {err:.2e}")
         bad += err > 1e-4
-    import buzz.policies.buzz as buzz_policy
+    import buzz.cache as core
 
-    for name in [n for n in names if n.startswith("buzz")]:  # compiled decode selection vs eager
+    for name in [n for n in names if n.startswith(("buzz", "cascading"))]:  # compiled decode selection vs eager
         runs = []
         for compiled in (True, False):
-            buzz_policy.COMPILE_DECODE_SELECTION = compiled
+            core.COMPILE_DECODE_SELECTION = compiled
             runs.append(decode(model, name, graph=True))
-        buzz_policy.COMPILE_DECODE_SELECTION = True
+        core.COMPILE_DECODE_SELECTION = True
         err = (runs[0] - runs[1]).abs().max().item()
         print(f"compiled vs eager selection, {name}: max |diff| = {err:.2e}")
         bad += err > 1e-4

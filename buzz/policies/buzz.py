@@ -28,10 +28,10 @@ the kept samples (position order) lives in a per-slot field, which is what makes
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from buzz import cache as core
 from buzz.cache import LayerState, Policy, check_prefill_stride, register_policy
 
 BIG = 1 << 62
@@ -83,28 +83,13 @@ class Buzz(Policy):
     def keep(self, s: LayerState) -> torch.Tensor:
         sink_n, window_n, threshold = self.regions(s.budget)
         rule = _round
-        if COMPILE_DECODE_SELECTION and s.n_new == 1 and s.valid.is_cuda:
-            rule = _compiled_round()
+        if s.n_new == 1 and s.valid.is_cuda and core.COMPILE_DECODE_SELECTION:
+            rule = core.compiled(_round)  # see buzz.cache.COMPILE_DECODE_SELECTION
         keep, rank, score = rule(s.valid, s.pos, s.fields["rank"], s.score, s.seen, sink_n, window_n, threshold,
                                  self.stride, self.bounded)  # fmt: skip
         s.fields["rank"].copy_(rank)
         s.score.copy_(score)
         return keep
-
-
-# On CUDA the decode step's selection runs compiled (torch.compile fuses its ~90 small element-wise and reduction
-# kernels per layer into a few; captured in the step's CUDA graph like the rest). Prefills stay eager: their shapes
-# vary per prompt. The compiled and eager paths compute the same (scripts/gpu_check.py).
-# KVBENCH_COMPILE_SELECTION=0 turns it off (e.g. to measure what it saves). The first buffer size is compiled
-# static; a second one makes the sizes dynamic (one more compile, then none).
-COMPILE_DECODE_SELECTION = os.environ.get("KVBENCH_COMPILE_SELECTION", "1") != "0"
-_COMPILED: list = []
-
-
-def _compiled_round():
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_round, fullgraph=True))
-    return _COMPILED[0]
 
 
 def _round(valid, pos, rank, score, seen, sink_n, window_n, threshold, stride: int, bounded: bool):
