@@ -34,7 +34,7 @@ def read_points(paths: list[Path]) -> tuple[list[dict], dict[str, Any]]:
             meta = meta or {k: v for k, v in data.items() if k != "points"}
         for row in rows:
             points[tuple(row[k] for k in KEY)] = row
-    order = {"full": 0, "window": 1, "streaming_llm": 2, "h2o": 3, "buzz": 4, "buzz_paper": 5}
+    order = {"full": 0, "window": 1, "streaming_llm": 2, "h2o": 3, "buzz": 4, "buzz_paper": 5, "cascading": 6}
     ordered = sorted(points.values(), key=lambda p: (p["prompt"], p["batch"], order.get(p["policy"], 9),
                                                      p["budget"] or 0, p["mode"]))  # fmt: skip
     return ordered, meta

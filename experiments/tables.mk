@@ -5,7 +5,7 @@
 #   make table-qa                    # 10-document QA accuracy, gold at 0, 4, 9
 #   make table-ppl                   # Wikitext perplexity through the cache
 #   make table-memory                # stored KV tokens/bytes and latency of the summarization runs
-#   make table-streaming             # perplexity per 4k position bucket of one 64k-token Wikitext stream, int budget
+#   make table-streaming             # perplexity per 4k position bucket of one 32k-token Wikitext stream, int budget
 #   make table-passkey               # passkey accuracy by context length x depth (SYNTHETIC prompts), int budget
 #   make tables-render               # rebuild every table and plot from stored records only (runs nothing)
 #
