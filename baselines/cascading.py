@@ -18,10 +18,11 @@ against a plain-Python transcription):
   2**i-th token overall), so sub-cache i spans about 2**i * W_i tokens: the cache reaches back
   W_0 + 2 W_1 + 4 W_2 + ... tokens, keeping the highest-scoring token of each older stretch.
 * Score: an exponential moving average of the attention a token receives, per KV head, from the query heads of
-  its group: ema <- decay ** n * ema + (attention received in this forward), n = real tokens of the forward. The
-  core sums over a group's query heads; the paper's `head_reduction=mean` divides that by the group size, which
-  changes no comparison, so `mean` and `sum` are the same policy here. (`max` would need per-query-head scores
-  from the core, which it does not provide.)
+  its group: ema <- decay ** n * ema + (attention received in this forward), n = real tokens of the forward.
+  "Received from the group" is, per `head_reduction`, the sum over the group's query heads (`sum`), the paper's
+  `mean` (the sum divided by the group size, which changes no comparison, so `mean` and `sum` are the same policy
+  here), or their maximum (`max`: each query head's attention summed over the forward's query rows, then the
+  maximum over the heads; the core computes it, `Policy.score_heads`).
 * Prefill acts inside the prompt: with `prefill_stride` set the runner feeds the prompt in forwards of that many
   tokens (the paper's strided prefill), cut so that the last forward ends at the prompt's end; the cascade then
   processes each forward's tokens in order.
@@ -61,7 +62,7 @@ from buzz.cache import LayerState, Policy, check_prefill_stride, register_policy
 
 NEW, SINK, DROPPED = 1 << 20, (1 << 20) + 1, (1 << 20) + 2  # `casc` markers besides sub-cache indices 0..K-1
 SCHEDULES = ("pow2", "every")
-HEAD_REDUCTIONS = ("mean", "sum")
+HEAD_REDUCTIONS = ("mean", "sum", "max")
 _POS_BITS = 40  # sort key: casc << _POS_BITS | pos
 
 
@@ -92,13 +93,13 @@ class Cascading(Policy):
             raise ValueError(f"cache.decay={decay!r} is invalid; allowed: a float in (0, 1]")
         if head_reduction not in HEAD_REDUCTIONS:
             raise ValueError(
-                f"cache.head_reduction={head_reduction!r} is invalid; allowed: {', '.join(HEAD_REDUCTIONS)} "
-                "(max needs per-query-head scores, which the cache core does not keep)"
+                f"cache.head_reduction={head_reduction!r} is invalid; allowed: {', '.join(HEAD_REDUCTIONS)}"
             )
         check_prefill_stride(prefill_stride)
         self.sink, self.cascades, self.schedule = sink, cascades, schedule
         self.decay, self.head_reduction, self.prefill_stride = float(decay), head_reduction, prefill_stride
         self.every = [2**i if schedule == "pow2" else 1 for i in range(cascades)]
+        self.score_heads = "max" if head_reduction == "max" else "sum"
 
     def keep(self, s: LayerState) -> torch.Tensor:
         step = _cascade
@@ -113,7 +114,11 @@ class Cascading(Policy):
         return keep
 
     def describe(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("every", "prompt_tokens")}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("every", "prompt_tokens", "score_heads")
+        }
 
 
 def _cascade(valid, pos, casc, ema, acc, score, seen, budget, new_slots, sink_max: int, every: tuple, decay: float):

@@ -103,14 +103,15 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
         return out, None
     if q == 1 and attention_mask is None and USE_FUSED_DECODE and fused_decode_available(query):
         # Decode step: every stored slot is older than the query, so validity is the whole mask.
-        out = decode_attention(query, keys, layer.values, layer.valid, scaling, layer.score)
+        out = decode_attention(query, keys, layer.values, layer.valid, scaling, layer.score, layer.policy.score_heads)
         layer.evict(slots)
         return out.transpose(1, 2).contiguous(), None
     mask = _slot_mask(layer, pos_new, real_new)
     if layer.score is not None:
         if empty and attention_mask is None and q > 1 and USE_FUSED_PREFILL and fused_prefill_available(query):
             out, sums = causal_attention_with_column_sums(query, key, value, scaling)
-            layer.score[:, :, :q] += sums.view(b, key.shape[1], -1, q).sum(2)
+            per_head = sums.view(b, key.shape[1], -1, q)
+            layer.score[:, :, :q] += per_head.amax(2) if layer.policy.score_heads == "max" else per_head.sum(2)
             layer.evict(slots)
             return out.transpose(1, 2).contiguous(), None
         out = _scored_attention(layer, query, keys, mask, real_new, scaling)
@@ -144,7 +145,8 @@ def _masked_sdpa(query, keys, values, mask, scaling):
 
 def _scored_attention(layer, query, keys, mask, real_new, scaling, with_lse=False):
     """Attention that also adds, per KV head, the attention each slot receives (summed over the group's query
-    heads and the real query rows) to the layer's float32 scores (when it keeps scores). With `with_lse`, also
+    heads, or their maximum with the policy's `score_heads="max"`, and over the real query rows) to the layer's
+    float32 scores (when it keeps scores). With `with_lse`, also
     returns the float32 log-sum-exp of each query row's logits over its visible slots, (B, Hq, q)."""
     b, hq, q, d = query.shape
     values = layer.values
@@ -154,6 +156,8 @@ def _scored_attention(layer, query, keys, mask, real_new, scaling, with_lse=Fals
     qg = query.view(b, hkv, g, q, d)
     block = max(1, SCORE_BLOCK_BYTES.get(query.device.type, 2**28) // max(1, b * hq * c * 4))
     outs, lses = [], []
+    head_max = layer.score is not None and layer.policy.score_heads == "max"
+    per_head = torch.zeros(b, hkv, g, c, dtype=torch.float32, device=query.device) if head_max else None
     for start in range(0, q, block):
         stop = min(q, start + block)
         logits = torch.einsum("bhgqd,bhcd->bhgqc", qg[:, :, :, start:stop], keys).float() * scale
@@ -165,7 +169,12 @@ def _scored_attention(layer, query, keys, mask, real_new, scaling, with_lse=Fals
             lses.append(logits.logsumexp(-1))
         if layer.score is not None:
             rows = real_new[:, None, None, start:stop, None].to(probs.dtype)
-            layer.score += (probs * rows).sum(dim=(2, 3))
+            if head_max:  # the maximum over heads of each head's sum over all rows: sum over the blocks first
+                per_head += (probs * rows).sum(3)
+            else:
+                layer.score += (probs * rows).sum(dim=(2, 3))
+    if head_max:
+        layer.score += per_head.amax(2)
     out = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
     out = out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
     return (out, torch.cat(lses, 3).reshape(b, hq, q)) if with_lse else out

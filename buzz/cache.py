@@ -67,6 +67,9 @@ class Policy:
     # evicts inside the prompt, and with positions=in_cache no forward sees positions past the cache size.
     prefill_stride: int | None = None
     prompt_tokens: torch.Tensor | None = None  # real prompt lengths (B,), set by the runner before a strided prefill
+    # How a slot's score (needs_scores) combines the query heads of its KV group, per forward: "sum" of the attention
+    # each head gave it, or its "max" over the heads (each head's attention summed over the forward's query rows).
+    score_heads: str = "sum"
     # Per-slot tensors the core must keep aligned with the slots: name -> (dtype, value for a new token).
     slot_fields: ClassVar[dict[str, tuple[torch.dtype, float]]] = {}
 

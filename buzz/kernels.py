@@ -119,11 +119,11 @@ def fused_decode_available(query: torch.Tensor) -> bool:
 
 def decode_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float | None,
-    scores: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, score_heads: str = "sum",
 ) -> torch.Tensor:  # fmt: skip
     """One query token per sequence over the slot buffer, split over the keys (flash-decoding), masked by
     `valid` (B, Hkv, C). When `scores` (B, Hkv, C) is given, the attention each slot receives, summed over the
-    group's query heads, is added to it. Returns (B, Hq, 1, D)."""
+    group's query heads (`score_heads="max"`: their maximum), is added to it. Returns (B, Hq, 1, D)."""
     b, hq, _, d = query.shape
     hkv, c = keys.shape[1], keys.shape[2]
     group = hq // hkv
@@ -154,7 +154,8 @@ def decode_attention(
     out = (acc * w.unsqueeze(-1)).sum(2) / denom
     if scores is not None:
         lse2 = m_all + torch.log2(denom)  # (B, Hq, 1), log2 units
-        scores += torch.exp2(s_out - lse2).view(b, hkv, group, c).sum(2)
+        per_head = torch.exp2(s_out - lse2).view(b, hkv, group, c)
+        scores += per_head.amax(2) if score_heads == "max" else per_head.sum(2)
     return out.unsqueeze(2).to(query.dtype)
 
 

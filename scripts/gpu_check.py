@@ -1,6 +1,7 @@
 """On a GPU: CUDA-graph decode equals eager decode for every policy (tiny random Llama, float32).
 
-python scripts/gpu_check.py [policy ...]      # a name may end in +in_cache (positions=in_cache)
+python scripts/gpu_check.py [policy ...]      # a name may end in +in_cache (positions=in_cache) or +max
+                                              # (head_reduction=max: scores take the max over a group's heads)
 """
 
 import sys
@@ -13,13 +14,18 @@ from buzz.graphs import GraphDecodeStep
 
 POLICIES = [
     "full", "window", "streaming_llm", "h2o", "buzz", "buzz_paper", "cascading",
-    "streaming_llm+in_cache", "buzz+in_cache", "cascading+in_cache",
+    "streaming_llm+in_cache", "buzz+in_cache", "cascading+in_cache", "cascading+max",
 ]  # fmt: skip
+
+
+def base(policy: str) -> str:
+    return policy.removesuffix("+in_cache").removesuffix("+max")
 
 
 def params(policy: str, budget: int) -> dict:
     extra = {"positions": "in_cache"} if policy.endswith("+in_cache") else {}
-    policy = policy.removesuffix("+in_cache")
+    extra |= {"head_reduction": "max"} if policy.endswith("+max") else {}
+    policy = base(policy)
     if policy == "full":
         return {}
     if policy == "buzz_paper":  # its fixed sizes, scaled down so rounds happen within the test
@@ -31,7 +37,7 @@ def decode(model, policy: str, graph: bool, steps: int = 24, prompt: int = 40, b
     """Teacher-forced decode logits (the same tokens whatever the path, so a small difference cannot snowball)."""
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3, prompt + steps), device="cuda")
-    cache = make_cache(policy.removesuffix("+in_cache"), model, **params(policy, budget))
+    cache = make_cache(base(policy), model, **params(policy, budget))
     kw = cache_kwarg(model)
     out = []
     with torch.inference_mode():

@@ -13,7 +13,7 @@ recomputed from scratch over exactly the tokens kept, at their places in the cac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
@@ -75,9 +75,28 @@ def visible_mask(visible_rows: list[list[set[int]]], t: int) -> torch.Tensor:
 Rule = Callable[[set[int], dict[int, float], int], set[int]]
 
 
-def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule, positions: str = "absolute") -> torch.Tensor:
+def received(weights: torch.Tensor, rows: Iterable[int], visible: dict[int, set[int]], heads: str = "sum"):
+    """{position: attention it received} from `rows` of one KV head, given the weights (g, t, t) of the group's
+    query heads: each head's weights summed over the rows it saw, then summed over the heads (`heads="sum"`) or
+    their maximum ("max")."""
+    if heads == "sum":
+        weights = weights.sum(0, keepdim=True)
+    per_head = []
+    for w in weights:
+        got: dict[int, float] = {}
+        for j in rows:
+            for i in visible[j]:
+                got[i] = got.get(i, 0.0) + float(w[j, i])
+        per_head.append(got)
+    return {i: max(got[i] for got in per_head) for i in per_head[0]}
+
+
+def reference_logits(
+    model, ids: list[int], n_prompt: int, rule: Rule, positions: str = "absolute", heads: str = "sum"
+) -> torch.Tensor:
     """Logits (len(ids) - n_prompt + 1, vocab) for the prompt's last token and each later token, one at a time.
-    `positions`: "absolute" (each token at its index) or "in_cache" (see the module docstring)."""
+    `positions`: "absolute" (each token at its index) or "in_cache" (see the module docstring). `heads`: how the
+    scores combine a KV group's query heads (`received`)."""
     cfg = model.config
     n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     g = cfg.num_attention_heads // hkv
@@ -107,11 +126,10 @@ def reference_logits(model, ids: list[int], n_prompt: int, rule: Rule, positions
             out.append(logits[0, -1])
             new_rows = range(0, n_prompt) if t == n_prompt else range(t - 1, t)
             for layer in range(n_layers):
-                w = REF["weights"][layer][0].view(hkv, g, t, t).sum(1)  # (hkv, t, t)
+                w = REF["weights"][layer][0].view(hkv, g, t, t)
                 for h in range(hkv):
-                    for j in new_rows:
-                        for i in visible[layer][h][j]:
-                            scores[layer][h][i] = scores[layer][h].get(i, 0.0) + float(w[h, j, i])
+                    for i, got in received(w[h], new_rows, visible[layer][h], heads).items():
+                        scores[layer][h][i] = scores[layer][h].get(i, 0.0) + got
                     stored = kept[layer][h] | set(new_rows)
                     if getattr(rule, "keyed", False):
                         kept[layer][h] = rule(stored, scores[layer][h], t, (layer, h))

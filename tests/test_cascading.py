@@ -8,7 +8,7 @@ import torch
 
 import buzz
 from buzz.runner import prefill_forwards
-from tests.reference import REF, reference_logits, visible_mask
+from tests.reference import REF, received, reference_logits, visible_mask
 from tests.test_policies import greedy, streaming_rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ class CascadeRule:
                 return
 
 
-def strided_reference_logits(model, ids: list[int], chunks: list[int], rule) -> torch.Tensor:
+def strided_reference_logits(model, ids: list[int], chunks: list[int], rule, heads: str = "sum") -> torch.Tensor:
     """Like `reference_logits`, but the prompt goes in forwards of `chunks` tokens (then one token at a time).
     Logits of each forward's last token."""
     cfg = model.config
@@ -98,11 +98,10 @@ def strided_reference_logits(model, ids: list[int], chunks: list[int], rule) -> 
                 logits = model(torch.tensor([ids[:t]]), position_ids=torch.arange(t)[None]).logits
             out.append(logits[0, -1])
             for layer in range(n_layers):
-                w = REF["weights"][layer][0].view(hkv, g, t, t).sum(1)
+                w = REF["weights"][layer][0].view(hkv, g, t, t)
                 for h in range(hkv):
-                    for j in range(a, t):
-                        for i in visible[layer][h][j]:
-                            scores[layer][h][i] = scores[layer][h].get(i, 0.0) + float(w[h, j, i])
+                    for i, got in received(w[h], range(a, t), visible[layer][h], heads).items():
+                        scores[layer][h][i] = scores[layer][h].get(i, 0.0) + got
                     kept[layer][h] = rule(kept[layer][h] | set(range(a, t)), scores[layer][h], t)
     finally:
         model.set_attn_implementation(impl)
@@ -131,6 +130,19 @@ def cache_logits(model, ids: list[int], n_prompt: int, cache, trace: list) -> to
 
 
 @pytest.fixture(scope="module")
+def sharp_model():
+    """The tiny Llama with its queries scaled up: peaked attention, so a group's query heads disagree (on the plain
+    tiny model they attend almost alike, and max over heads makes the same decisions as their sum)."""
+    from tests.reference import tiny_llama
+
+    m = tiny_llama()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+    return m
+
+
+@pytest.fixture(scope="module")
 def ids():
     g = torch.Generator().manual_seed(3)
     return torch.randint(0, 97, (N_PROMPT + N_DECODE,), generator=g).tolist()
@@ -152,22 +164,30 @@ CASES = {
     "pow2-w1": ({"budget": 7, "sink": 1, "cascades": 4, "decay": 1.0}, 3),
     "pow2-tiny-budget": ({"budget": 4, "sink": 2, "cascades": 4, "decay": 0.9}, 7),
     "every": ({"budget": 12, "sink": 3, "cascades": 2, "schedule": "every"}, 4),
+    "max-stride1": ({"budget": 14, "sink": 2, "cascades": 3, "decay": 0.9, "head_reduction": "max"}, 1),
+    "max-stride5": ({"budget": 14, "sink": 2, "cascades": 3, "decay": 0.9, "head_reduction": "max"}, 5),
+    "max-oneshot": ({"budget": 13, "sink": 4, "cascades": 4, "decay": 0.8, "head_reduction": "max"}, None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_cascading_matches_masked_reference(model, ids, case):
+def test_cascading_matches_masked_reference(model, sharp_model, ids, case):
     params, stride = CASES[case]
+    if case.startswith("max"):
+        model = sharp_model
     trace = []
     got = cache_logits(
         model, ids, N_PROMPT, buzz.make_cache("cascading", model, prefill_stride=stride, **params), trace
     )
+    heads = "max" if params.get("head_reduction") == "max" else "sum"
     if stride == 1:  # one token per forward from the first: the plain reference with a one-token "prompt"
-        want = reference_logits(model, ids, 1, rule_for(model, params))
+        want = reference_logits(model, ids, 1, rule_for(model, params), heads=heads)
     elif stride is None:
-        want = reference_logits(model, ids, N_PROMPT, rule_for(model, params))
+        want = reference_logits(model, ids, N_PROMPT, rule_for(model, params), heads=heads)
     else:
-        want = strided_reference_logits(model, ids, right_aligned(N_PROMPT, stride), rule_for(model, params))
+        want = strided_reference_logits(
+            model, ids, right_aligned(N_PROMPT, stride), rule_for(model, params), heads=heads
+        )
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert max(trace) <= params["budget"] and trace[-1] == params["budget"]
 
@@ -240,10 +260,36 @@ def test_unstrided_batch_matches_policies_greedy(model):
 
 @pytest.mark.parametrize(
     "key,bad",
-    [("cascades", 0), ("sink", -1), ("schedule", "pow3"), ("decay", 0.0), ("head_reduction", "max"),
+    [("cascades", 0), ("sink", -1), ("schedule", "pow3"), ("decay", 0.0), ("head_reduction", "median"),
      ("prefill_stride", 0)],
 )  # fmt: skip
 def test_bad_option_is_one_line_error(model, key, bad):
     with pytest.raises(ValueError, match=rf"cache.{key}=.* is invalid; allowed") as e:
         buzz.make_cache("cascading", model, **{key: bad})
     assert "\n" not in str(e.value)
+
+
+def test_max_over_heads_changes_the_decisions(sharp_model, ids):
+    """On the sharp model, head_reduction=max keeps other tokens than mean (so the max cases above test it)."""
+    kept = []
+    for heads in ("mean", "max"):
+        params = {"budget": 14, "sink": 2, "cascades": 3, "decay": 0.9, "head_reduction": heads}
+        cache = buzz.make_cache("cascading", sharp_model, prefill_stride=5, **params)
+        cache_logits(sharp_model, ids, N_PROMPT, cache, [])
+        kept.append(torch.stack([layer.pos.sort(-1).values for layer in cache.layers]))
+    assert (kept[0] != kept[1]).any()
+
+
+def test_max_scores_do_not_depend_on_row_blocks(sharp_model, ids, monkeypatch):
+    """The scored attention goes over the query rows in blocks; max over heads is taken after the sum over all rows."""
+    import buzz.attention as attention
+
+    scores = []
+    for block_bytes in (None, 1):  # 1 byte: one query row per block
+        if block_bytes:
+            monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", {"cpu": block_bytes})
+        cache = buzz.make_cache("cascading", sharp_model, budget=64, prefill_stride=None, head_reduction="max")
+        with torch.no_grad():
+            sharp_model(torch.tensor([ids[:N_PROMPT]]), past_key_values=cache)
+        scores.append(torch.stack([layer.score for layer in cache.layers]))
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-6, rtol=0)
