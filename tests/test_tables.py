@@ -272,12 +272,17 @@ def test_variants_duplicates_and_filters(tmp_path):
     assert set(summ_table(tmp_path, model="other").frame["policy"]) == {"full"}
 
 
-def test_job_commands_skip_missing_policies(tmp_path):
+def cache_configs(tmp_path: Path, **caches: str) -> Path:
+    """A configs/ folder whose cache group holds, per policy, `name: <policy>` and the given YAML lines."""
     configs = tmp_path / "configs"
     (configs / "cache").mkdir(parents=True)
-    (configs / "cache" / "full.yaml").write_text("name: full\nbudget: null\n")
-    (configs / "cache" / "window.yaml").write_text("name: window\nbudget: 0.5\n")
-    (configs / "cache" / "fixed.yaml").write_text("name: fixed\nbudget: null\nsize: 8\n")
+    for name, body in caches.items():
+        (configs / "cache" / f"{name}.yaml").write_text(f"name: {name}\n{body}\n")
+    return configs
+
+
+def test_job_commands_skip_missing_policies(tmp_path):
+    configs = cache_configs(tmp_path, full="budget: null", window="budget: 0.5", fixed="budget: null\nsize: 8")
     spec = Spec.load("summarization")
     cmds, msgs = job_commands(spec, "tiny-llama", 2, ["window", "fixed", "nope"], ["0.2", "0.5"], "/tmp/r",
                               configs=configs, python="py")  # fmt: skip
@@ -430,11 +435,9 @@ def test_policy_entries():
 
 
 def test_job_commands_with_cache_overrides(tmp_path):
-    configs = tmp_path / "configs"
-    (configs / "cache").mkdir(parents=True)
-    (configs / "cache" / "full.yaml").write_text("name: full\nbudget: null\n")
-    (configs / "cache" / "streaming_llm.yaml").write_text("name: streaming_llm\nbudget: 0.5\nsink: 4\n")
-    (configs / "cache" / "h2o.yaml").write_text("name: h2o\nbudget: 0.5\nrecent: 0.5\n")
+    configs = cache_configs(
+        tmp_path, full="budget: null", streaming_llm="budget: 0.5\nsink: 4", h2o="budget: 0.5\nrecent: 0.5"
+    )
     spec = Spec.load("streaming")
     in_cache = {"policy": "streaming_llm", "overrides": {"positions": "in_cache"}}
     policies = ["streaming_llm", {"policy": "streaming_llm", "overrides": {"sink": 2}}, "h2o[sink=2]", in_cache,
