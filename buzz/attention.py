@@ -110,8 +110,7 @@ def kvbench_attention(module, query, key, value, attention_mask, scaling=None, d
     if layer.score is not None:
         if empty and attention_mask is None and q > 1 and USE_FUSED_PREFILL and fused_prefill_available(query):
             out, sums = causal_attention_with_column_sums(query, key, value, scaling)
-            per_head = sums.view(b, key.shape[1], -1, q)
-            layer.score[:, :, :q] += per_head.amax(2) if layer.policy.score_heads == "max" else per_head.sum(2)
+            layer.score[:, :, :q] += core.combine_heads(sums.view(b, key.shape[1], -1, q), layer.policy.score_heads)
             layer.evict(slots)
             return out.transpose(1, 2).contiguous(), None
         out = _scored_attention(layer, query, keys, mask, real_new, scaling)
@@ -174,7 +173,7 @@ def _scored_attention(layer, query, keys, mask, real_new, scaling, with_lse=Fals
             else:
                 layer.score += (probs * rows).sum(dim=(2, 3))
     if head_max:
-        layer.score += per_head.amax(2)
+        layer.score += core.combine_heads(per_head, "max")
     out = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
     out = out.reshape(b, hq, q, -1).transpose(1, 2).contiguous()
     return (out, torch.cat(lses, 3).reshape(b, hq, q)) if with_lse else out

@@ -103,6 +103,11 @@ class Policy:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "prompt_tokens"}
 
 
+def combine_heads(per_head: torch.Tensor, score_heads: str, dim: int = 2) -> torch.Tensor:
+    """Scores per query head (the group's heads along `dim`) combined per KV head as `Policy.score_heads` says."""
+    return per_head.amax(dim) if score_heads == "max" else per_head.sum(dim)
+
+
 def check_prefill_stride(value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"cache.prefill_stride={value!r} is invalid; allowed: an int >= 1 or null")

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from buzz.cache import combine_heads
+
 try:
     import triton
     import triton.language as tl
@@ -154,8 +156,7 @@ def decode_attention(
     out = (acc * w.unsqueeze(-1)).sum(2) / denom
     if scores is not None:
         lse2 = m_all + torch.log2(denom)  # (B, Hq, 1), log2 units
-        per_head = torch.exp2(s_out - lse2).view(b, hkv, group, c)
-        scores += per_head.amax(2) if score_heads == "max" else per_head.sum(2)
+        scores += combine_heads(torch.exp2(s_out - lse2).view(b, hkv, group, c), score_heads)
     return out.unsqueeze(2).to(query.dtype)
 
 
