@@ -495,6 +495,10 @@ def select_runs(spec: Spec, runs: Sequence[Run], model: str | None = None, polic
     return mine, model, warn
 
 
+def _no_records(kind: str, tasks: Sequence[str], model: str | None) -> str:
+    return f"no {kind}records for tasks {', '.join(tasks)}" + (f" and model {model}" if model else "")
+
+
 def build_budget_table(spec: Spec, mine: list[Run], model: str | None, warn: list[str]) -> Table:
     """Quality per policy and budget (summarization, qa, ppl, memory)."""
     df = sample_frame(mine)
@@ -527,7 +531,7 @@ def build_budget_table(spec: Spec, mine: list[Run], model: str | None, warn: lis
         raise ValueError(f"experiments/{spec.name}.yaml: builder={b} is unknown; allowed: {allowed}")
     frame = pd.DataFrame() if df.empty else _group_rows(df, spec, ref, metrics, rel, warn)
     if frame.empty:
-        warn.append(f"no records for tasks {', '.join(sorted(task_names))}" + (f" and model {model}" if model else ""))
+        warn.append(_no_records("", sorted(task_names), model))
         frame = pd.DataFrame(columns=[*cols, "n_paired", f"{rel['column']}_lo", f"{rel['column']}_hi"])
     if b == "ppl" and not frame.empty:
         frame["tokens"] = frame["n_tokens"] * frame["n"]
@@ -893,14 +897,11 @@ def build_streaming_table(spec: Spec, mine: list[Run], model: str | None, warn: 
         kv = [s.get("bucket_kv_tokens_mean") for s in same]
         for k, (start, n_tok) in enumerate(zip(*layout)):
             row[f"ppl@{start}-{start + n_tok}"] = math.exp(nll[k] / count[k])
-        for k, (start, n_tok) in enumerate(zip(*layout)):
             row[f"kv@{start}-{start + n_tok}"] = float(np.mean([v[k] for v in kv])) if all(kv) else math.nan
         rows.append(row)
     frame = _sorted_rows(rows, spec)
     if frame.empty:
-        warn.append(
-            f"no streaming records for tasks {', '.join(spec.task_names)}" + (f" and model {model}" if model else "")
-        )
+        warn.append(_no_records("streaming ", spec.task_names, model))
     else:
         ppl_cols, kv_cols = _bucket_cols(frame), _bucket_cols(frame, "kv@")
         frame = frame[["task", "policy", "budget", "n", "tokens", "ppl", "kv_mean", "kv_peak", *ppl_cols, *kv_cols]]
@@ -1004,9 +1005,7 @@ def build_passkey_table(spec: Spec, mine: list[Run], model: str | None, warn: li
     df = pd.DataFrame(rows)
     cols = ["task", "policy", "budget", "length", "depth", "n", "accuracy", "kv_mean", "kv_peak", "prompt_tokens"]
     if df.empty:
-        warn.append(
-            f"no passkey records for tasks {', '.join(spec.task_names)}" + (f" and model {model}" if model else "")
-        )
+        warn.append(_no_records("passkey ", spec.task_names, model))
         frame = pd.DataFrame(columns=cols)
     else:
         df["_budget"] = df["budget"].map(_fmt_budget)
