@@ -22,7 +22,8 @@ from transformers.masking_utils import AttentionMaskInterface
 REF = {"masks": {}, "weights": {}, "rope": None}
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half layout (Llama's), written out: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
@@ -39,9 +40,9 @@ def _ref_attention(module, query, key, value, attention_mask, scaling=None, drop
     else:  # in-cache positions: key i of row j at its rank among row j's visible tokens; the query at its own
         cos, sin = REF["rope"]  # (t, d) for positions 0..t-1
         rank = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (b, hq, t, t)
-        k_rot = _rope(k.float()[:, :, None], cos[rank], sin[rank])  # (b, hq, t rows, t keys, d)
+        k_rot = apply_rope(k.float()[:, :, None], cos[rank], sin[rank])  # (b, hq, t rows, t keys, d)
         q_pos = rank.diagonal(dim1=-2, dim2=-1)  # (b, hq, t)
-        q_rot = _rope(query.float(), cos[q_pos], sin[q_pos])
+        q_rot = apply_rope(query.float(), cos[q_pos], sin[q_pos])
         logits = torch.einsum("bhjd,bhjid->bhji", q_rot, k_rot) * scaling
     weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
     REF["weights"][module.layer_idx] = weights
@@ -92,28 +93,35 @@ def received(weights: torch.Tensor, rows: Iterable[int], visible: dict[int, set[
 
 
 def reference_logits(
-    model, ids: list[int], n_prompt: int, rule: Rule, positions: str = "absolute", heads: str = "sum"
-) -> torch.Tensor:
-    """Logits (len(ids) - n_prompt + 1, vocab) for the prompt's last token and each later token, one at a time.
-    `positions`: "absolute" (each token at its index) or "in_cache" (see the module docstring). `heads`: how the
-    scores combine a KV group's query heads (`received`)."""
+    model, ids: list[int], n_prompt: int, rule: Rule, positions: str = "absolute", heads: str = "sum",
+    chunks: list[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Logits (forwards, vocab) of each forward's last token: the prompt in forwards of `chunks` tokens (default: one
+    forward of all `n_prompt`), then one token at a time; the rule runs after each forward. `positions`: "absolute"
+    (each token at its index) or "in_cache" (see the module docstring). `heads`: how the scores combine a KV group's
+    query heads (`received`)."""
     cfg = model.config
     n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
     g = cfg.num_attention_heads // hkv
     impl = cfg._attn_implementation
     model.set_attn_implementation("kvbench_reference")
-    total = len(ids)
-    # visible[l][h][j] = the set of positions row j may attend to.
+    chunks = chunks or [n_prompt]
+    assert sum(chunks) == n_prompt, (chunks, n_prompt)
+    bounds = [0]
+    for n in chunks + [1] * (len(ids) - n_prompt):
+        bounds.append(bounds[-1] + n)
+    # visible[l][h][j] = the set of positions row j may attend to: what was kept before its forward, and the
+    # forward's own tokens up to itself.
     visible = [[{} for _ in range(hkv)] for _ in range(n_layers)]
     kept = [[set() for _ in range(hkv)] for _ in range(n_layers)]
     scores = [[{} for _ in range(hkv)] for _ in range(n_layers)]
-    for layer in range(n_layers):
-        for h in range(hkv):
-            for j in range(n_prompt):
-                visible[layer][h][j] = set(range(j + 1))
     out = []
     try:
-        for t in range(n_prompt, total + 1):  # t = tokens processed after this forward
+        for a, t in zip(bounds, bounds[1:]):  # this forward's tokens are [a, t)
+            for layer in range(n_layers):
+                for h in range(hkv):
+                    for j in range(a, t):
+                        visible[layer][h][j] = kept[layer][h] | set(range(a, j + 1))
             REF["masks"] = {layer: visible_mask(visible[layer], t) for layer in range(n_layers)}
             position_ids = torch.arange(t)[None]
             if positions == "in_cache":
@@ -124,19 +132,16 @@ def reference_logits(
             with torch.no_grad():
                 logits = model(torch.tensor([ids[:t]]), position_ids=position_ids).logits
             out.append(logits[0, -1])
-            new_rows = range(0, n_prompt) if t == n_prompt else range(t - 1, t)
             for layer in range(n_layers):
                 w = REF["weights"][layer][0].view(hkv, g, t, t)
                 for h in range(hkv):
-                    for i, got in received(w[h], new_rows, visible[layer][h], heads).items():
+                    for i, got in received(w[h], range(a, t), visible[layer][h], heads).items():
                         scores[layer][h][i] = scores[layer][h].get(i, 0.0) + got
-                    stored = kept[layer][h] | set(new_rows)
+                    stored = kept[layer][h] | set(range(a, t))
                     if getattr(rule, "keyed", False):
                         kept[layer][h] = rule(stored, scores[layer][h], t, (layer, h))
                     else:
                         kept[layer][h] = rule(stored, scores[layer][h], t)
-                    if t < total:
-                        visible[layer][h][t] = kept[layer][h] | {t}
     finally:
         REF["rope"] = None
         model.set_attn_implementation(impl)

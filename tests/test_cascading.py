@@ -8,7 +8,7 @@ import torch
 
 import buzz
 from buzz.runner import prefill_forwards
-from tests.reference import REF, received, reference_logits, visible_mask
+from tests.reference import reference_logits
 from tests.test_policies import greedy, streaming_rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,42 +70,6 @@ class CascadeRule:
                 elif ema[x] >= ema[sub[-1]]:
                     sub[-1] = x
                 return
-
-
-def strided_reference_logits(model, ids: list[int], chunks: list[int], rule, heads: str = "sum") -> torch.Tensor:
-    """Like `reference_logits`, but the prompt goes in forwards of `chunks` tokens (then one token at a time).
-    Logits of each forward's last token."""
-    cfg = model.config
-    n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    g = cfg.num_attention_heads // hkv
-    impl = cfg._attn_implementation
-    model.set_attn_implementation("kvbench_reference")
-    bounds = [0]
-    for n in chunks + [1] * (len(ids) - sum(chunks)):
-        bounds.append(bounds[-1] + n)
-    visible = [[{} for _ in range(hkv)] for _ in range(n_layers)]
-    kept = [[set() for _ in range(hkv)] for _ in range(n_layers)]
-    scores = [[{} for _ in range(hkv)] for _ in range(n_layers)]
-    out = []
-    try:
-        for a, t in zip(bounds, bounds[1:]):
-            for layer in range(n_layers):
-                for h in range(hkv):
-                    for j in range(a, t):
-                        visible[layer][h][j] = kept[layer][h] | set(range(a, j + 1))
-            REF["masks"] = {layer: visible_mask(visible[layer], t) for layer in range(n_layers)}
-            with torch.no_grad():
-                logits = model(torch.tensor([ids[:t]]), position_ids=torch.arange(t)[None]).logits
-            out.append(logits[0, -1])
-            for layer in range(n_layers):
-                w = REF["weights"][layer][0].view(hkv, g, t, t)
-                for h in range(hkv):
-                    for i, got in received(w[h], range(a, t), visible[layer][h], heads).items():
-                        scores[layer][h][i] = scores[layer][h].get(i, 0.0) + got
-                    kept[layer][h] = rule(kept[layer][h] | set(range(a, t)), scores[layer][h], t)
-    finally:
-        model.set_attn_implementation(impl)
-    return torch.stack(out)
 
 
 def right_aligned(n: int, stride: int) -> list[int]:
@@ -185,18 +149,19 @@ def test_cascading_matches_masked_reference(model, sharp_model, ids, case):
     elif stride is None:
         want = reference_logits(model, ids, N_PROMPT, rule_for(model, params), heads=heads)
     else:
-        want = strided_reference_logits(
-            model, ids, right_aligned(N_PROMPT, stride), rule_for(model, params), heads=heads
-        )
+        chunks = right_aligned(N_PROMPT, stride)
+        want = reference_logits(model, ids, N_PROMPT, rule_for(model, params), heads=heads, chunks=chunks)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert max(trace) <= params["budget"] and trace[-1] == params["budget"]
 
 
-def test_strided_reference_agrees_with_plain_reference(model, ids):
-    params = {"budget": 10, "sink": 2, "cascades": 2, "decay": 0.9}
-    want = reference_logits(model, ids[:40], N_PROMPT, rule_for(model, params))
-    got = strided_reference_logits(model, ids[:40], [N_PROMPT], rule_for(model, params))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+def test_reference_prompt_chunks_change_nothing_without_eviction(model, ids):
+    """The reference's chunked prompt: with a rule that keeps everything, each token's logits are those of one
+    forward over the whole prompt, however the prompt is cut."""
+    keep_all = lambda stored, scores, t: stored  # noqa: E731
+    want = reference_logits(model, ids[:40], N_PROMPT, keep_all)
+    got = reference_logits(model, ids[:40], N_PROMPT, keep_all, chunks=[5, 7, 12])
+    torch.testing.assert_close(got[2:], want, atol=1e-5, rtol=0)
 
 
 def test_cascade_reaches_further_back_than_a_window(model, ids):

@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import buzz
 from buzz.cache import rope_inv_freq, rotate_keys
-from tests.reference import reference_logits
+from tests.reference import apply_rope, reference_logits
 from tests.test_buzz import BuzzRule
 from tests.test_cascading import cache_logits as strided_cache_logits
 from tests.test_cascading import rule_for as cascade_rule
@@ -55,9 +55,7 @@ def test_rerotation_keeps_float32_accuracy_over_long_shifts(model):
 
     def exact(x, pos):
         angle = pos[:, None].double() * inv
-        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+        return apply_rope(x, torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1))
 
     moved = rotate_keys(exact(raw, p).float(), (new - p).expand(1, 2, 30), inv)
     torch.testing.assert_close(moved, exact(raw, new).float(), atol=1e-5, rtol=0)
